@@ -1,0 +1,268 @@
+"""Run the metrics of lab.metrics on a model: the TOFU suite and the MUSE-News suite (METHODS §6).
+
+    result = evaluate(model, tokenizer, benchmark, reference=retain_result)
+    result["metrics"]   # flat dict name -> float (forget_prob, forget_rouge, ..., model_utility, privleak)
+    result["rows"]      # pandas.DataFrame of per-row outputs (set, row, question, answer, generation, ...)
+
+`reference` is another evaluate() result (or the dict saved by lab.prepare) of the retain-trained
+reference model: it supplies the forget truth ratios for forget quality and the MIA AUC for PrivLeak.
+
+Throughput: answers and all perturbed answers are scored in batched forward passes (sorted by length
+to cut padding); generation is batched greedy decoding with left padding and the KV cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from lab import metrics
+from lab.data import encode_pairs, encode_prompts, format_question
+
+# METHODS §6 generation lengths
+MAX_NEW_TOKENS = {"tofu": 200, "verbmem": 128, "knowmem": 32}
+TOFU_UTILITY_SETS = ("retain", "real_authors", "world_facts")
+
+
+# ---------------------------------------------------------------- model primitives
+def _autocast(model, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_length=512,
+                   autocast_dtype=None, desc=None, progress=False) -> list[torch.Tensor]:
+    """Log-prob of each target token given prompt + earlier target tokens (target tokens only).
+
+    Returns one 1-D float32 tensor per (prompt, target) pair, in input order.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        enc = encode_pairs(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx],
+                           max_length=max_length, add_eos=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with _autocast(model, autocast_dtype):
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        labels = enc["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        mask = labels != -100
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        picked, mask = picked.cpu(), mask.cpu()
+        for j, i in enumerate(idx):
+            out[i] = picked[j][mask[j]]
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, *, max_new_tokens, batch_size=16, max_length=512,
+             autocast_dtype=None, desc=None, progress=False, stop=None) -> list[str]:
+    """Greedy continuations (special tokens dropped, cut at EOS and at `stop` if given), in input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str | None] = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        enc = encode_prompts(tokenizer, [prompts[i] for i in idx], max_length=max_length)
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        with _autocast(model, autocast_dtype):
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        for j, i in enumerate(idx):
+            text = tokenizer.decode(new[j], skip_special_tokens=True)
+            if stop and stop in text:
+                text = text[:text.index(stop)]
+            out[i] = text.strip()
+    return out
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean()) if x.numel() else float("nan")
+
+
+# ---------------------------------------------------------------- TOFU
+def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFrame:
+    """Prob, ROUGE-L recall, truth ratio (and MIA scores) for one TOFU QA set."""
+    questions, answers = list(ds["question"]), list(ds["answer"])
+    prompts = [format_question(tokenizer, q) for q in questions]
+    score = dict(batch_size=opts["batch_size"], autocast_dtype=opts["autocast_dtype"],
+                 progress=opts["progress"])
+    ans_lp = token_logprobs(model, tokenizer, prompts, answers, desc=f"{name}: answers", **score)
+    rows = pd.DataFrame({
+        "set": name, "row": list(ds["row"]) if "row" in ds.column_names else range(len(ds)),
+        "question": questions, "answer": answers,
+        "loss": [-_mean(t) for t in ans_lp],  # length-normalised NLL
+        "n_tokens": [t.numel() for t in ans_lp],
+    })
+    rows["prob"] = np.exp(-rows["loss"])
+    rows["min_k"] = [metrics.min_k_percent(t.numpy(), opts["mia_k"]) for t in ans_lp]
+    rows["zlib"] = [metrics.zlib_score(-float(t.sum()), a) for t, a in zip(ans_lp, answers)]
+
+    if "perturbed_answer" in ds.column_names:
+        # truth ratio: paraphrased answer (or the answer itself where no paraphrase exists, as for
+        # real authors / world facts) against every perturbed answer, all in one batched pass
+        para = list(ds["paraphrased_answer"]) if "paraphrased_answer" in ds.column_names else answers
+        pert = [list(p) for p in ds["perturbed_answer"]]
+        flat_prompts = [p for p, ps in zip(prompts, pert) for _ in ps]
+        flat_targets = [a for ps in pert for a in ps]
+        pert_lp = token_logprobs(model, tokenizer, flat_prompts, flat_targets,
+                                 desc=f"{name}: perturbed", **score)
+        para_lp = (ans_lp if para is answers else
+                   token_logprobs(model, tokenizer, prompts, para, desc=f"{name}: paraphrased", **score))
+        pert_mean, k = [], 0
+        for ps in pert:
+            pert_mean.append([_mean(t) for t in pert_lp[k:k + len(ps)]])
+            k += len(ps)
+        para_mean = np.array([_mean(t) for t in para_lp])
+        rows["truth_ratio"] = [metrics.truth_ratio(pm, np.array(pl)) for pm, pl in zip(para_mean, pert_mean)]
+        # normalised probability p_true / (p_true + sum p_perturbed) (METHODS §6, real authors / world)
+        rows["prob_normalised"] = [
+            math.exp(-l) / (math.exp(-l) + sum(math.exp(x) for x in pl))
+            for l, pl in zip(rows["loss"], pert_mean)]
+
+    if generate_answers:
+        rows["generation"] = generate(model, tokenizer, prompts, max_new_tokens=opts["max_new_tokens"],
+                                      batch_size=opts["batch_size"], autocast_dtype=opts["autocast_dtype"],
+                                      desc=f"{name}: generate", progress=opts["progress"])
+        rows["rouge"] = [metrics.rouge_l_recall(g, a) for g, a in zip(rows["generation"], answers)]
+    return rows
+
+
+def evaluate_tofu(model, tokenizer, benchmark, reference=None, *, batch_size=16, max_new_tokens=None,
+                  limit=None, mia_k=0.4, autocast_dtype=None, progress=True) -> dict:
+    opts = dict(batch_size=batch_size, max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["tofu"],
+                mia_k=mia_k, autocast_dtype=autocast_dtype, progress=progress)
+    sets = benchmark.eval_sets
+    need = ["forget", *TOFU_UTILITY_SETS, "holdout"]
+    missing = [s for s in need if s not in sets]
+    if missing:
+        raise ValueError(f"benchmark {benchmark.name!r} lacks eval sets {missing}; has {sorted(sets)}")
+    frames = []
+    for name in need:
+        ds = sets[name] if limit is None else sets[name].select(range(min(limit, len(sets[name]))))
+        frames.append(_qa_set(model, tokenizer, ds, name, generate_answers=name != "holdout", opts=opts))
+    rows = pd.concat(frames, ignore_index=True)
+    m = _tofu_metrics(rows, reference, mia_k)
+    return {"benchmark": benchmark.name, "metrics": m, "rows": rows}
+
+
+def _tofu_metrics(rows: pd.DataFrame, reference, mia_k) -> dict:
+    by = {name: g for name, g in rows.groupby("set")}
+    m: dict[str, float] = {}
+    for name in ("forget", *TOFU_UTILITY_SETS):
+        g = by[name]
+        prob = g["prob_normalised"] if name in ("real_authors", "world_facts") else g["prob"]
+        m[f"{name}_prob"] = float(prob.mean())
+        m[f"{name}_rouge"] = float(g["rouge"].mean())
+        kind = "forget" if name == "forget" else "utility"
+        m[f"{name}_truth_ratio"] = float(metrics.truth_ratio_stat(g["truth_ratio"].to_numpy(), kind=kind))
+    m["model_utility"] = float(metrics.model_utility(
+        {f"{s}_{k}": m[f"{s}_{k}"] for s in TOFU_UTILITY_SETS for k in ("prob", "rouge", "truth_ratio")}))
+    # MIA: forget rows are members, holdout rows non-members (METHODS §6)
+    members, non = by["forget"], by["holdout"]
+    for score in ("loss", "min_k", "zlib"):
+        m[f"mia_{score}_auc"] = float(metrics.mia_auc(
+            metrics.membership_score(score, members[score].to_numpy()),
+            metrics.membership_score(score, non[score].to_numpy())))
+    m["mia_min_k"] = mia_k
+    if reference is not None:
+        ref_rows, ref_metrics = _reference_parts(reference)
+        ref_forget = ref_rows[ref_rows["set"] == "forget"]["truth_ratio"].to_numpy()
+        m["forget_quality"] = float(metrics.forget_quality(by["forget"]["truth_ratio"].to_numpy(), ref_forget))
+        m["privleak"] = float(metrics.privleak(m["mia_min_k_auc"], ref_metrics["mia_min_k_auc"]))
+    return m
+
+
+def _reference_parts(reference):
+    if isinstance(reference, dict) and "rows" in reference and "metrics" in reference:
+        return reference["rows"], reference["metrics"]
+    raise TypeError("reference must be an evaluate() result: a dict with 'metrics' and 'rows' "
+                    "(e.g. lab.prepare(...).retain_eval)")
+
+
+# ---------------------------------------------------------------- MUSE-News
+def _knowmem_prompt(icl, question) -> str:
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in zip(icl["question"], icl["answer"]))
+    return f"{shots}Question: {question}\nAnswer:"
+
+
+def evaluate_muse(model, tokenizer, benchmark, reference=None, *, batch_size=16, limit=None, mia_k=0.4,
+                  max_length=512, autocast_dtype=None, progress=True) -> dict:
+    """VerbMem (ROUGE-L F1 of continuations), KnowMem forget/retain (ROUGE-L F1, ICL prompt), PrivLeak.
+
+    MUSE prompts are raw text (no chat template), as in the MUSE benchmark.
+    """
+    sets = benchmark.eval_sets
+
+    def take(name):
+        ds = sets[name]
+        return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
+    gen = dict(batch_size=batch_size, max_length=max_length, autocast_dtype=autocast_dtype, progress=progress)
+    frames, m = [], {}
+    vm = take("verbmem")
+    out = generate(model, tokenizer, list(vm["prompt"]), max_new_tokens=MAX_NEW_TOKENS["verbmem"],
+                   desc="verbmem", **gen)
+    f1 = [metrics.rouge_l_f1(o, t) for o, t in zip(out, vm["gt"])]
+    frames.append(pd.DataFrame({"set": "verbmem", "row": range(len(vm)), "question": vm["prompt"],
+                                "answer": vm["gt"], "generation": out, "rouge": f1}))
+    m["verbmem_rouge_f1"] = float(np.mean(f1))
+    for which in ("forget", "retain"):
+        qa, icl = take(f"knowmem_{which}"), sets[f"knowmem_{which}_icl"]
+        prompts = [_knowmem_prompt(icl, q) for q in qa["question"]]
+        out = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS["knowmem"], stop="\n",
+                       desc=f"knowmem {which}", **gen)
+        f1 = [metrics.rouge_l_f1(o, a) for o, a in zip(out, qa["answer"])]
+        frames.append(pd.DataFrame({"set": f"knowmem_{which}", "row": range(len(qa)),
+                                    "question": qa["question"], "answer": qa["answer"],
+                                    "generation": out, "rouge": f1}))
+        m[f"knowmem_{which}_rouge_f1"] = float(np.mean(f1))
+    # PrivLeak: Min-K% membership scores on forget (members) vs holdout (non-members) excerpts
+    scores = {}
+    for which in ("forget", "holdout"):
+        texts = list(take(f"privleak_{which}")["text"])
+        lp = _text_logprobs(model, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+                            autocast_dtype=autocast_dtype, progress=progress, desc=f"privleak {which}")
+        scores[which] = np.array([metrics.min_k_percent(t.numpy(), mia_k) for t in lp])
+        frames.append(pd.DataFrame({"set": f"privleak_{which}", "row": range(len(texts)),
+                                    "question": [t[:200] for t in texts], "min_k": scores[which]}))
+    m["mia_min_k_auc"] = float(metrics.mia_auc(metrics.membership_score("min_k", scores["forget"]),
+                                                metrics.membership_score("min_k", scores["holdout"])))
+    m["mia_min_k"] = mia_k
+    if reference is not None:
+        _, ref_metrics = _reference_parts(reference)
+        m["privleak"] = float(metrics.privleak(m["mia_min_k_auc"], ref_metrics["mia_min_k_auc"]))
+    return {"benchmark": benchmark.name, "metrics": m, "rows": pd.concat(frames, ignore_index=True)}
+
+
+def _text_logprobs(model, tokenizer, texts, **kw):
+    """Token log-probs of whole texts (every token after the first), via an empty-prompt pair."""
+    bos = tokenizer.bos_token or ""
+    return token_logprobs(model, tokenizer, [bos] * len(texts), texts, **kw)
+
+
+# ---------------------------------------------------------------- entry point
+def evaluate(model, tokenizer, benchmark, reference=None, **kwargs) -> dict:
+    """Full evaluation suite for `benchmark` (TOFU-style or MUSE-News). See module docstring."""
+    was_training = model.training
+    model.eval()
+    try:
+        if benchmark.name.startswith("tofu"):
+            return evaluate_tofu(model, tokenizer, benchmark, reference, **kwargs)
+        if benchmark.name.startswith("muse"):
+            return evaluate_muse(model, tokenizer, benchmark, reference, **kwargs)
+        raise ValueError(f"no evaluation suite for benchmark {benchmark.name!r}; "
+                         "valid: names starting with 'tofu' or 'muse'")
+    finally:
+        model.train(was_training)
