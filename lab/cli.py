@@ -2,6 +2,8 @@
 
     lab prepare --model tiny --benchmark tofu_subset     # target + retain reference models, cached
     lab eval --model tiny --prepared target              # evaluate a prepared model (or any model path)
+    lab unlearn --method npo_gd --epochs 5               # unlearn the prepared target, evaluate, write a run
+    lab methods                                          # every method: objectives, combiner, defaults
     lab runs                                             # list run directories under ./runs
     lab runs show RUN                                    # one run: config, summary, evaluations
     lab demo                                             # the embedded default end to end
@@ -85,6 +87,42 @@ def cmd_runs(args) -> None:
                   .to_string(float_format=lambda x: f"{x:.4g}"))
 
 
+def cmd_unlearn(args) -> None:
+    from lab.engine import UnlearnConfig, unlearn
+    cfg = {}
+    if args.config:
+        import yaml
+        with open(args.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{args.config}: expected a mapping of UnlearnConfig fields")
+    for key in ("method", "model", "benchmark", "seed", "lr", "epochs", "max_steps", "batch_size",
+                "micro_batch_size", "eval_every", "eval_limit", "diagnostics"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    cfg["runs_root"] = args.runs
+    if args.bench_opt:
+        cfg["benchmark_kwargs"] = {**cfg.get("benchmark_kwargs", {}), **_kv(args.bench_opt)}
+    if args.arg:
+        cfg["method_args"] = {**cfg.get("method_args", {}), **_kv(args.arg)}
+    cfg.update(_kv(args.set))
+    fields = {f.name for f in __import__("dataclasses").fields(UnlearnConfig)}
+    unknown = set(cfg) - fields
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(fields)}")
+    result = unlearn(cfg)
+    print(f"run: {result.run_dir}")
+    print(json.dumps(result.metrics, indent=2, sort_keys=True))
+
+
+def cmd_methods(args) -> None:
+    import pandas as pd
+    from lab.methods import list_methods
+    with pd.option_context("display.width", 250, "display.max_colwidth", 80, "display.max_rows", 200):
+        print(list_methods().to_string(index=False))
+
+
 def cmd_demo(args) -> None:
     from lab.prepare import prepare
     print("lab demo: preparing the tiny target and retain models on the embedded TOFU subset")
@@ -120,6 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, help="at most this many rows per evaluation set")
     sp.add_argument("--rows", metavar="CSV", help="write per-row outputs to this CSV file")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("unlearn", help="unlearn with a named method, evaluate, write a run directory",
+                        description="Unlearn the prepared target model of --model/--benchmark with "
+                                    "--method (see `lab methods`), evaluating at the end (and every "
+                                    "--eval-every steps). Options come from --config YAML (UnlearnConfig "
+                                    "fields), then the flags, then --set K=V.")
+    sp.add_argument("--method", help="method name, e.g. ga_rt, npo_kl, ngdiff_autolr, gru_npo_gd, blur_npo")
+    sp.add_argument("--model", help="preset (tiny, smollm2-135m), local path or hub name (default tiny)")
+    sp.add_argument("--benchmark", help="tofu_subset (default), tofu_forget01|05|10, muse_news")
+    sp.add_argument("--bench-opt", nargs="*", metavar="K=V")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--runs", default="runs")
+    sp.add_argument("--config", help="YAML file of UnlearnConfig fields")
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--max-steps", type=int)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--micro-batch-size", type=int, help="gradient accumulation micro-batch")
+    sp.add_argument("--eval-every", type=int, help="evaluate every k steps (default: at the end)")
+    sp.add_argument("--eval-limit", type=int, help="rows per eval set")
+    sp.add_argument("--diagnostics", type=int, help="trace geometry every k steps (0 = off)")
+    sp.add_argument("--arg", nargs="*", metavar="K=V", help="method hyper-parameters, e.g. beta=0.1 gamma=0.8")
+    sp.add_argument("--set", nargs="*", metavar="K=V", help="any other UnlearnConfig field")
+    sp.set_defaults(func=cmd_unlearn)
+
+    sp = sub.add_parser("methods", help="list unlearning methods (objectives, combiner, defaults)")
+    sp.set_defaults(func=cmd_methods)
 
     sp = sub.add_parser("runs", help="list run directories, or show one")
     sp.add_argument("action", nargs="?", default="list", choices=["list", "show"])

@@ -7,6 +7,7 @@ A run is a folder `runs/<run_id>/` of plain files:
     eval.jsonl         one JSON object per evaluation point (step/epoch/task/checkpoint + metric values)
     eval_rows.parquet  per-row evaluation outputs (question, answer, generation, prob, rouge, ...)
     summary.json       status ("running" | "done" | "failed" | "diverged"), final metrics, timings
+    masks.parquet      continual runs: mask overlap between tasks (columns MASK_COLUMNS)
 
 Every file is written atomically (temp file in the same folder + os.replace), so a reader never sees a
 half-written file. A run that fails before it produced anything is removed; a run stopped by a
@@ -29,8 +30,8 @@ import yaml
 
 import lab
 
-CONFIG, TRACE, EVAL, EVAL_ROWS, SUMMARY = (
-    "config.yaml", "trace.parquet", "eval.jsonl", "eval_rows.parquet", "summary.json")
+CONFIG, TRACE, EVAL, EVAL_ROWS, SUMMARY, MASKS = (
+    "config.yaml", "trace.parquet", "eval.jsonl", "eval_rows.parquet", "summary.json", "masks.parquet")
 
 # Trace columns every step (METHODS §7). Method-specific extras (GRU cos_pre/cos_post/projected, NGDiff
 # c_t, BLUR xi, ...) are added by the engine; the dashboard imports this list to know what to plot.
@@ -38,6 +39,22 @@ TRACE_COLUMNS = [
     "step", "epoch", "task", "loss_f", "loss_r", "grad_norm_f", "grad_norm_r", "cos_fr",
     "align_f", "align_r", "cos_update_f", "cos_update_r", "lr",
 ]
+# Method extras written by the engine when they apply (same file, same step rows).
+TRACE_EXTRA_COLUMNS = {
+    "gru": ["cos_pre", "cos_post", "projected"],   # GRU Alg. 1: cos(g_u, gbar_r) before/after, projection fired
+    "ngdiff": ["c_t", "autolr_probe", "autolr_lr", "autolr_loss_minus", "autolr_loss_0", "autolr_loss_plus"],
+    "blur": ["xi"],                                  # BLUR eq. 14: <g_f,g_r>/||g_f||^2
+    "alkn": ["active_fraction"],                     # ALKN DGS: fraction of coordinates allowed to move
+}
+# Continual runs: Jaccard overlap of task masks, globally and per layer / module type.
+# scope is "global", "layer.<i>" or "module.<type>" (e.g. "module.mlp", "module.attn").
+MASK_COLUMNS = ["task_a", "task_b", "scope", "jaccard"]
+# eval.jsonl records: {step, epoch, task, eval_task, checkpoint, <metric>: value, ...}
+#   checkpoint: "target" | "retain" (prepare runs), "initial" (theta_0 before unlearning), "unlearned".
+#   Continual runs: `task` = index of the last finished task (-1 for "initial"), `eval_task` = whose
+#   forget set the forget_* metrics describe (None for utility-only records). Cascading degradation
+#   (ALKN fig. 2a) for task k = forget_prob at checkpoint "initial" vs after task k-1.
+EVAL_INDEX = ["step", "epoch", "task", "eval_task", "checkpoint"]
 # Columns identifying a run in list/long-form tables (read from config.yaml).
 RUN_KEYS = ["kind", "method", "model", "benchmark", "protocol", "seed"]
 
@@ -137,9 +154,16 @@ class Run:
         old = (self.path / EVAL).read_text() if (self.path / EVAL).exists() else ""
         atomic_write_text(self.path / EVAL, old + line)
         if rows is not None and len(rows):
-            keys = {k: record[k] for k in ("step", "epoch", "task", "checkpoint") if k in record}
+            keys = {k: record[k] for k in EVAL_INDEX if k in record}
             self._rows.append(rows.assign(**keys))
             self.flush()
+
+    def log_masks(self, overlap: pd.DataFrame) -> None:
+        """Write (replace) the mask-overlap table of a continual run (columns MASK_COLUMNS)."""
+        missing = set(MASK_COLUMNS) - set(overlap.columns)
+        if missing:
+            raise ValueError(f"log_masks: missing columns {sorted(missing)}; need {MASK_COLUMNS}")
+        atomic_write_parquet(self.path / MASKS, overlap)
 
     def write_summary(self, **fields) -> None:
         self.summary.update({k: _scalar(v) for k, v in fields.items()})
@@ -223,6 +247,7 @@ class RunRecord:
         self.summary = self._read(SUMMARY, lambda p: json.loads(p.read_text()), {})
         self.trace = self._read(TRACE, pd.read_parquet, pd.DataFrame(), required=False)
         self.evals = self._read(EVAL, _read_jsonl, pd.DataFrame(), required=False)
+        self.masks = self._read(MASKS, pd.read_parquet, pd.DataFrame(), required=False)
         self._rows_path = self.path / EVAL_ROWS
 
     def _read(self, name, reader, default, required=True):
@@ -302,7 +327,7 @@ def load_runs(root: str | os.PathLike = "runs", kinds=("trace", "eval")) -> pd.D
     if unknown:
         raise ValueError(f"load_runs: unknown kinds {sorted(unknown)}; valid: 'trace', 'eval'")
     frames = []
-    index_cols = ["step", "epoch", "task", "checkpoint"]
+    index_cols = EVAL_INDEX
     for path in find_runs(root):
         rec = load_run(path)
         meta = {k: rec.config.get(k) for k in RUN_KEYS}

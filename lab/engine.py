@@ -1,0 +1,547 @@
+"""The unlearning engine: ONE loop for every method (METHODS §1-3, §7).
+
+One optimizer step:
+  1. sample a forget batch and a retain batch, split into micro-batches;
+  2. backward the forget terms into g_f and the retain terms into g_r SEPARATELY, accumulating each
+     over all micro-batches (and ranks), normalised by the units of the WHOLE step - or, when the
+     combiner is a plain sum and no diagnostics are due, one backward of the weighted sum;
+  3. combine g_f, g_r into the direction d (lab.methods.combine -> lab.geometry);
+  4. modifiers: clip (max_grad_norm), AutoLR (NGDiff Alg. 1: set the lr from two probe losses);
+  5. hand d to the optimizer (AdamW by default, as the papers) via p.grad and step;
+  6. write a trace row (losses, ||g_f||, ||g_r||, cos, A_f, A_r, realised-update cosines, lr, method
+     extras) - the raw material of the dashboard.
+
+    from lab.engine import unlearn
+    result = unlearn(method="npo_gd", model="tiny", benchmark="tofu_subset", epochs=5)
+    result.metrics["forget_rouge"], result.run_dir
+
+Gradient lists are per-parameter tensors; scalars stay tensors until the one host sync per step that
+writes the trace row. A NaN/inf loss or direction stops the run (status "diverged") before the
+optimizer step, keeping the trace so far and the last good weights (`<run>/last_good/`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from lab import geometry, runs
+from lab.methods import Method, combine, get_method
+from lab.objectives import ObjectiveContext, get_objective, sequence_logprob
+
+# Unlearning lr per model when the config leaves it out: the papers use 1e-5 (7B, Phi-1.5); a small
+# from-scratch model needs a larger step to move at all in a few dozen steps.
+DEFAULT_LR = {"tiny": 1e-3, "smollm2-135m": 1e-5, None: 1e-5}
+
+
+@dataclasses.dataclass
+class UnlearnConfig:
+    """Everything a run needs; saved to config.yaml. See `lab unlearn --help` for the CLI mapping."""
+    method: str = "npo_gd"
+    model: str = "tiny"
+    benchmark: str = "tofu_subset"
+    benchmark_kwargs: dict = dataclasses.field(default_factory=dict)
+    method_args: dict = dataclasses.field(default_factory=dict)
+    lr: float | None = None                 # None -> DEFAULT_LR[model]
+    epochs: int = 5                         # passes over the forget set
+    max_steps: int | None = None            # stop early (tests, smoke runs)
+    batch_size: int = 8                     # forget rows per optimizer step
+    micro_batch_size: int | None = None     # gradient accumulation: rows per forward/backward
+    retain_batch_size: int | None = None    # retain rows per step (default batch_size)
+    optimizer: str = "adamw"                # adamw | sgd
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    schedule: str = "constant"              # constant | linear (decay to 0) ; warmup_steps first
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None      # clip modifier on d
+    diagnostics: int = 1                    # trace geometry every k steps (0 = off)
+    eval_every: int | None = None           # evaluate every k steps (None: only at the end)
+    eval_limit: int | None = None           # rows per eval set (None: all)
+    eval_batch_size: int = 16
+    seed: int = 0
+    autocast: str | None = None             # e.g. "bfloat16" (CPU: ~2.5x faster on SmolLM2)
+    max_length: int = 512
+    device: str = "cpu"
+    prepare: dict = dataclasses.field(default_factory=dict)   # lab.prepare hyper-parameter overrides
+    save_model: bool = False                # write the unlearned weights into the run directory
+    runs_root: str = "runs"
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "linear"):
+            raise ValueError(f"schedule={self.schedule!r}; valid: 'constant', 'linear'")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer={self.optimizer!r}; valid: 'adamw', 'sgd'")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        mb = self.micro_batch_size or self.batch_size
+        if self.batch_size % mb or (self.retain_batch_size or self.batch_size) % mb:
+            raise ValueError(f"micro_batch_size={mb} must divide batch_size={self.batch_size} and "
+                             f"retain_batch_size={self.retain_batch_size or self.batch_size}")
+        self.betas = tuple(self.betas)
+        get_method(self.method, **self.method_args)  # validates name and options early
+
+
+# ---------------------------------------------------------------- batches
+def _idk_choice(rows: torch.Tensor, n_idk: int) -> list[int]:
+    # a fixed idk answer per forget row, so reference log-probs can be computed once
+    return [(int(r) * 7919) % n_idk for r in rows]
+
+
+def encode_rows(tokenizer, dataset, rows, *, max_length, idk_answers=None) -> dict:
+    """Rows of a QA (question/answer) or text (text) dataset -> an encode_pairs batch + index (+ idk)."""
+    from lab.data import encode_pairs, format_question
+    rows = [int(r) for r in rows]
+    sub = dataset.select(rows)
+    if "question" in sub.column_names:
+        prompts = [format_question(tokenizer, q) for q in sub["question"]]
+        batch = encode_pairs(tokenizer, prompts, list(sub["answer"]), max_length=max_length)
+    else:  # raw text (MUSE corpora): every token is a target
+        prompts = None
+        batch = encode_pairs(tokenizer, [""] * len(rows), list(sub["text"]), max_length=max_length,
+                             add_eos=False)
+    batch = dict(batch)
+    batch["index"] = torch.tensor(rows)
+    if idk_answers is not None:
+        if prompts is None:
+            raise ValueError("idk/dpo objectives need a QA forget set (question/answer columns)")
+        answers = [idk_answers[i] for i in _idk_choice(batch["index"], len(idk_answers))]
+        batch["idk"] = dict(encode_pairs(tokenizer, prompts, answers, max_length=max_length))
+    return batch
+
+
+def _to(batch, device):
+    return {k: (_to(v, device) if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
+
+
+def _shard(batch, rank, world):
+    """Rows rank::world of a batch (data parallel: the union over ranks is the whole micro-batch)."""
+    if world == 1:
+        return batch
+    return {k: (_shard(v, rank, world) if isinstance(v, dict) else v[rank::world]) for k, v in batch.items()}
+
+
+class Sampler:
+    """Forget rows in shuffled epochs; retain rows cycled through shuffled passes. Seeded."""
+
+    def __init__(self, n_forget, n_retain, batch_size, retain_batch_size, seed):
+        self.g = torch.Generator().manual_seed(seed)
+        self.n_forget, self.n_retain = n_forget, n_retain
+        self.batch_size, self.retain_batch_size = batch_size, retain_batch_size
+        self._retain_queue: list[int] = []
+
+    def epoch(self):
+        order = torch.randperm(self.n_forget, generator=self.g).tolist()
+        for start in range(0, self.n_forget, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def retain(self):
+        if not self.n_retain:
+            return []
+        while len(self._retain_queue) < self.retain_batch_size:
+            self._retain_queue += torch.randperm(self.n_retain, generator=self.g).tolist()
+        out, self._retain_queue = (self._retain_queue[:self.retain_batch_size],
+                                   self._retain_queue[self.retain_batch_size:])
+        return out
+
+
+# ---------------------------------------------------------------- gradients
+def _autocast(device, dtype):
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def _weight(term, args):
+    return args[term.weight] if isinstance(term.weight, str) else term.weight
+
+
+def accumulate(model, params, terms, micro_batches, ctx, args, *, group=None, backward=True):
+    """Sum of term weight * objective / (units of the whole step) over micro-batches (and ranks).
+
+    Returns (gradient list or None, per-term mean losses as one 1-D tensor). With backward=False it
+    only evaluates the losses (AutoLR probes).
+    """
+    objectives = [get_objective(t.objective) for t in terms]
+    device = params[0].device
+    units = torch.stack([sum(o.count(mb[t.source]) for mb in micro_batches).to(device).float()
+                         for t, o in zip(terms, objectives)])
+    if group is not None:
+        dist.all_reduce(units, group=group)
+    units = units.clamp(min=1)
+    term_losses = torch.zeros(len(terms), device=device)
+    if backward:
+        for p in params:
+            p.grad = None
+    for mb in micro_batches:
+        with torch.set_grad_enabled(backward), _autocast(device, ctx.autocast_dtype):
+            parts = torch.stack([o.fn(model, mb[t.source], ctx).float() for t, o in zip(terms, objectives)])
+        scaled = parts / units
+        if backward:
+            weights = torch.tensor([_weight(t, args) for t in terms], device=device)
+            (scaled * weights).sum().backward()
+        term_losses += scaled.detach()
+    if group is not None:
+        dist.all_reduce(term_losses, group=group)
+    if not backward:
+        return None, term_losses
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    if group is not None:
+        work = [dist.all_reduce(g, group=group, async_op=True) for g in grads]
+        for w in work:
+            w.wait()
+    return grads, term_losses
+
+
+def _group_loss(term_losses, terms, args):
+    if not terms:
+        return torch.zeros((), device=term_losses.device)
+    weights = torch.tensor([_weight(t, args) for t in terms], device=term_losses.device)
+    return (term_losses * weights).sum()
+
+
+# ---------------------------------------------------------------- AutoLR (NGDiff Alg. 1, METHODS §3)
+def would_be_update(optimizer, params, d) -> list[torch.Tensor]:
+    """The update per unit lr, D, that optimizer.step() would apply with gradient d (theta -= lr * D),
+    computed from the optimizer state WITHOUT advancing it (the GeN reference code advances it)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return list(d)
+    if not isinstance(optimizer, torch.optim.AdamW):
+        raise ValueError(f"AutoLR supports AdamW and SGD, not {type(optimizer).__name__}")
+    group = optimizer.param_groups[0]
+    (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+    out = []
+    for p, g in zip(params, d):
+        state = optimizer.state.get(p, {})
+        step = float(state["step"]) + 1 if "step" in state else 1.0
+        m = state["exp_avg"] * beta1 + g * (1 - beta1) if "exp_avg" in state else g * (1 - beta1)
+        v = (state["exp_avg_sq"] * beta2 + g * g * (1 - beta2) if "exp_avg_sq" in state
+             else g * g * (1 - beta2))
+        denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
+        out.append(m / (1 - beta1 ** step) / denom + wd * p.detach())
+    return out
+
+
+@torch.no_grad()
+def autolr_probe(loss_fn, params, update, lr, loss_0, *, max_factor=None) -> dict:
+    """Fit L_R(theta - s*D) = a s^2 + b s + c through s in (-lr, 0, +lr); lr* = slope/curvature =
+    -b / (2a). Keep the old lr when curvature <= 0, slope <= 0 or the fit is not finite.
+    Parameters are restored exactly (saved copy), so the probe leaves no trace."""
+    saved = [p.detach().clone() for p in params]
+    torch._foreach_add_(params, update, alpha=-lr)
+    loss_minus = loss_fn()                      # L(theta - lr D): where the step goes
+    torch._foreach_add_(params, update, alpha=2 * lr)
+    loss_plus = loss_fn()                       # L(theta + lr D)
+    for p, s in zip(params, saved):
+        p.copy_(s)
+    losses = torch.stack([loss_minus, torch.as_tensor(loss_0, device=loss_minus.device), loss_plus])
+    l_minus, l_0, l_plus = losses.tolist()
+    slope = (l_plus - l_minus) / (2 * lr)       # -b: decrease rate along -D
+    curvature = (l_plus + l_minus - 2 * l_0) / lr ** 2   # 2a
+    new_lr, accepted = lr, False
+    if math.isfinite(slope) and math.isfinite(curvature) and curvature > 0 and slope > 0:
+        new_lr, accepted = slope / curvature, True
+        if max_factor:
+            new_lr = min(new_lr, lr * max_factor)
+    return {"autolr_probe": 1.0, "autolr_lr": new_lr, "autolr_accepted": float(accepted),
+            "autolr_loss_minus": l_minus, "autolr_loss_0": l_0, "autolr_loss_plus": l_plus}
+
+
+# ---------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class LoopState:
+    step: int = 0
+    combiner_state: dict = dataclasses.field(default_factory=dict)
+    trace: list = dataclasses.field(default_factory=list)
+
+
+class Diverged(Exception):
+    pass
+
+
+def make_context(model, method: Method, args, forget, tokenizer, cfg: UnlearnConfig, idk_answers):
+    """Objective context for a run/task: frozen theta_0 copy and reference log-probs where needed."""
+    needs = {n for t in (*method.forget, *method.retain) for n in get_objective(t.objective).needs}
+    autocast_dtype = getattr(torch, cfg.autocast) if cfg.autocast else None
+    ctx = ObjectiveContext(args=args, autocast_dtype=autocast_dtype)
+    if "ref_model" in needs:
+        ctx.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if "rmu" in needs:
+        g = torch.Generator().manual_seed(cfg.seed)
+        u = torch.rand(model.config.hidden_size, generator=g)
+        ctx.rmu_direction = u / u.norm()      # fixed random unit vector (WMDP RMU)
+    if "ref_logprob" in needs:  # sequence log-probs at theta_0 never change: compute them once
+        ctx.ref_logprob = _reference_logprobs(model, tokenizer, forget, cfg, idk_answers, autocast_dtype)
+    return ctx
+
+
+@torch.no_grad()
+def _reference_logprobs(model, tokenizer, forget, cfg, idk_answers, autocast_dtype):
+    was = model.training
+    model.eval()
+    out = {"answer": [], "idk": []}
+    device = next(model.parameters()).device
+    for start in range(0, len(forget), cfg.eval_batch_size):
+        rows = range(start, min(start + cfg.eval_batch_size, len(forget)))
+        batch = _to(encode_rows(tokenizer, forget, rows, max_length=cfg.max_length,
+                                idk_answers=idk_answers), device)
+        with _autocast(device, autocast_dtype):
+            out["answer"].append(sequence_logprob(model, batch).float().cpu())
+            if "idk" in batch:
+                out["idk"].append(sequence_logprob(model, batch["idk"]).float().cpu())
+    model.train(was)
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def trainable_parameters(model, method: Method, args) -> list[torch.nn.Parameter]:
+    if method.trainable == "rmu":  # RMU trains only the MLP output projections of the chosen layers
+        keep = {f"layers.{l}.mlp.down_proj.weight" for l in args["rmu_layers"]}
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.endswith(k) for k in keep))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method {method.name!r}: no trainable parameters (check rmu_layers)")
+    return params
+
+
+def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict, cfg: UnlearnConfig, *,
+                    run=None, task=None, idk_answers=None, evaluate_fn=None, group=None,
+                    progress=True, state: LoopState | None = None) -> LoopState:
+    """Run cfg.epochs passes over `forget` (or cfg.max_steps steps) with `method`. Writes trace rows
+    to `run` (if given) and calls evaluate_fn(step, epoch) every cfg.eval_every steps."""
+    if len(forget) == 0:
+        raise ValueError("empty forget set: nothing to unlearn")
+    if method.retain and len(retain) == 0:
+        raise ValueError(f"method {method.name!r} needs retain data but the retain set is empty")
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    state = state or LoopState()
+    model.train()
+    params = trainable_parameters(model, method, args)
+    ctx = make_context(model, method, args, forget, tokenizer, cfg, idk_answers)
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None])
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(forget) / cfg.batch_size)
+    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or 10 ** 12)
+
+    def lr_at(step):
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        decay = max(0.0, 1 - step / total) if cfg.schedule == "linear" else 1.0
+        return lr * warm * decay
+
+    sampler = Sampler(len(forget), len(retain) if method.retain else 0, cfg.batch_size,
+                      cfg.retain_batch_size or cfg.batch_size, cfg.seed)
+    mb = cfg.micro_batch_size or cfg.batch_size
+    need_idk = any("idk" in get_objective(t.objective).needs for t in method.forget)
+    rlw_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    autolr_lr = None
+    bar = tqdm(total=total, desc=f"unlearn {method.name}" + (f" task {task}" if task is not None else ""),
+               disable=not progress or rank != 0, leave=False)
+    step_in_run = 0
+    for epoch in range(cfg.epochs):
+        for forget_rows in sampler.epoch():
+            if step_in_run >= total:
+                break
+            retain_rows = sampler.retain()
+            micro = []
+            for i in range(0, max(len(forget_rows), 1), mb):
+                f_rows = forget_rows[i:i + mb]
+                r_rows = retain_rows[i * len(retain_rows) // len(forget_rows):
+                                     (i + mb) * len(retain_rows) // len(forget_rows)] if retain_rows else []
+                item = {"forget": encode_rows(tokenizer, forget, f_rows, max_length=cfg.max_length,
+                                              idk_answers=idk_answers if need_idk else None)}
+                if r_rows:
+                    item["retain"] = encode_rows(tokenizer, retain, r_rows, max_length=cfg.max_length)
+                micro.append(_to(_shard(item, rank, world), device))
+            lr_now = autolr_lr if autolr_lr is not None else lr_at(step_in_run)
+            row = _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr_now,
+                        rlw_gen=rlw_gen, group=group, autolr_due=method.autolr and
+                        step_in_run % args.get("autolr_every", 10) == 0)
+            if "autolr_lr" in row:
+                autolr_lr = row["autolr_lr"]
+            row.update(step=state.step, epoch=epoch, task=task)
+            state.trace.append(row)
+            if run is not None and rank == 0:
+                run.log_step(row)
+            state.step += 1
+            step_in_run += 1
+            bar.update()
+            bar.set_postfix(loss_f=f"{row['loss_f']:.3f}", loss_r=f"{row['loss_r']:.3f}")
+            if evaluate_fn and cfg.eval_every and step_in_run % cfg.eval_every == 0 and step_in_run < total:
+                evaluate_fn(state.step, epoch)
+        if step_in_run >= total:
+            break
+    bar.close()
+    model.eval()
+    return state
+
+
+def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *, rlw_gen, group,
+          autolr_due) -> dict:
+    diag = cfg.diagnostics > 0 and state.step % cfg.diagnostics == 0
+    separate = method.separate_gradients or (diag and bool(method.retain))
+    scalars: dict[str, torch.Tensor] = {}
+    terms_f, terms_r = method.forget, method.retain
+    if separate:
+        g_f, losses_f = accumulate(model, params, terms_f, micro, ctx, args, group=group)
+        g_r, losses_r = (accumulate(model, params, terms_r, micro, ctx, args, group=group)
+                         if terms_r else ([], torch.zeros(0, device=params[0].device)))
+        loss_f, loss_r = _group_loss(losses_f, terms_f, args), _group_loss(losses_r, terms_r, args)
+        d, info = combine(method, args, g_f, g_r, {"loss_f": loss_f, "loss_r": loss_r},
+                          state.combiner_state, generator=rlw_gen)
+        if diag or method.separate_gradients:
+            if g_r:
+                scalars.update(geometry.alignment(g_f, g_r, d))
+            else:
+                scalars.update(norm_f=geometry.norm(g_f), norm_d=geometry.norm(d))
+    else:  # one backward of the weighted sum: d = g_f + g_r without materialising either
+        d, losses = accumulate(model, params, (*terms_f, *terms_r), micro, ctx, args, group=group)
+        losses_f, losses_r = losses[:len(terms_f)], losses[len(terms_f):]
+        loss_f, loss_r = _group_loss(losses_f, terms_f, args), _group_loss(losses_r, terms_r, args)
+        g_f, g_r, info = (d if not terms_r else None), [], {}
+        if diag and g_f is not None:  # forget-only method: d is g_f
+            scalars["norm_f"] = geometry.norm(g_f)
+    scalars.update(info)
+    if cfg.max_grad_norm is not None:
+        d, clip_info = geometry.clip_to_norm(d, cfg.max_grad_norm)
+        scalars.update(clip_info)
+    scalars["norm_d"] = geometry.norm(d)
+    term_losses = torch.cat([losses_f, losses_r])
+    # the one host sync of the step: losses and the direction's norm must be finite to go on
+    finite = torch.isfinite(torch.cat([term_losses, scalars["norm_d"].reshape(1)])).tolist()
+    if not all(finite):
+        names = [f"{t.objective}@{t.source}" for t in (*terms_f, *terms_r)] + ["direction d"]
+        bad = [n for n, ok in zip(names, finite) if not ok]
+        raise Diverged(f"step {state.step}: non-finite {', '.join(bad)} "
+                       f"(losses {dict(zip(names, term_losses.tolist()))})")
+
+    row = {}
+    if autolr_due and method.retain:
+        update = would_be_update(optimizer, params, d)
+
+        def retain_loss():
+            return _group_loss(accumulate(model, params, terms_r, micro, ctx, args, group=group,
+                                          backward=False)[1], terms_r, args)
+        row.update(autolr_probe(retain_loss, params, update, lr, loss_r,
+                                max_factor=args.get("autolr_max_factor")))
+        lr = row["autolr_lr"]
+    for group_ in optimizer.param_groups:
+        group_["lr"] = lr
+    before = [p.detach().clone() for p in params] if diag and g_f is not None else None
+    for p, g in zip(params, d):
+        p.grad = g
+    optimizer.step()
+    for p in params:
+        p.grad = None
+    if before is not None:  # realised update after Adam: cos(-delta theta, g) (METHODS §7)
+        descent = torch._foreach_sub(before, [p.detach() for p in params])
+        scalars["cos_update_f"] = geometry.cos(descent, g_f)
+        if g_r:
+            scalars["cos_update_r"] = geometry.cos(descent, g_r)
+    names = list(scalars)
+    values = torch.stack([torch.as_tensor(scalars[n], dtype=torch.float32).reshape(())
+                          for n in names] + [loss_f.float(), loss_r.float()]).tolist()
+    out = dict(zip(names, values))
+    row.update(loss_f=values[-2], loss_r=values[-1] if terms_r else float("nan"), lr=lr)
+    rename = {"norm_f": "grad_norm_f", "norm_r": "grad_norm_r"}
+    row.update({rename.get(k, k): v for k, v in out.items()})
+    return row
+
+
+# ---------------------------------------------------------------- run-level API
+@dataclasses.dataclass
+class UnlearnResult:
+    run_dir: Path | None
+    model: torch.nn.Module
+    tokenizer: object
+    metrics: dict
+    trace: "pandas.DataFrame"
+    config: dict
+
+
+def _config_dict(cfg: UnlearnConfig, method: Method, args: dict, bench, extra=None) -> dict:
+    out = dataclasses.asdict(cfg)
+    out.update(kind="unlearn", method=method.name, method_args=args, combiner=method.combiner,
+               forget_terms=[dataclasses.asdict(t) for t in method.forget],
+               retain_terms=[dataclasses.asdict(t) for t in method.retain],
+               benchmark=bench.name, benchmark_config=bench.config, protocol=None,
+               lr=cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None]),
+               trace_columns=runs.TRACE_COLUMNS, **(extra or {}))
+    return out
+
+
+def load_starting_point(cfg: UnlearnConfig):
+    """(model, tokenizer, benchmark, reference eval, initial eval, extra config) for a config.
+
+    TOFU: the prepared target model (fine-tuned on forget + retain) and the retain model's evaluation
+    as the forget-quality reference. MUSE-News: `cfg.model` itself is the target (e.g. the MUSE
+    target checkpoint on a GPU machine); no retrained reference exists offline (no FQ/PrivLeak)."""
+    from lab.data import get_benchmark
+    from lab.models import load_model
+    if cfg.benchmark.startswith("tofu"):
+        from lab.prepare import prepare
+        prepared = prepare(model=cfg.model, benchmark=cfg.benchmark, benchmark_kwargs=cfg.benchmark_kwargs,
+                           seed=cfg.seed, runs_root=cfg.runs_root, verbose=False, **cfg.prepare)
+        model, tok = prepared.load("target", device=cfg.device)
+        return (model, tok, prepared.benchmark, prepared.retain_eval, prepared.target_eval,
+                {"prepared": str(prepared.path), "prepare_note": prepared.config.get("note", "")})
+    bench = get_benchmark(cfg.benchmark, **cfg.benchmark_kwargs)
+    model, tok = load_model(cfg.model, device=cfg.device, seed=cfg.seed)
+    return model, tok, bench, None, None, {"retain_standin": bench.config.get("retain_standin")}
+
+
+def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **overrides) -> UnlearnResult:
+    """Run one unlearning method end to end: starting model, loop, periodic + final evaluation, run dir."""
+    from lab.data import idk_answers as load_idk
+    from lab.eval import evaluate
+    if isinstance(config, UnlearnConfig):
+        cfg = dataclasses.replace(config, **overrides)
+    else:
+        cfg = UnlearnConfig(**{**(config or {}), **overrides})
+    method, args = get_method(cfg.method, **cfg.method_args)
+    model, tok, bench, reference, initial, extra = load_starting_point(cfg)
+    idk = load_idk() if any(t.objective in ("idk", "dpo") for t in method.forget) else None
+    autocast_dtype = getattr(torch, cfg.autocast) if cfg.autocast else None
+    config = _config_dict(cfg, method, args, bench, extra)
+    final: dict = {}
+    t0 = time.time()
+    with runs.create_run(config, root=cfg.runs_root) as run:
+        if initial is not None:  # the target's evaluation from lab.prepare = the starting point
+            run.log_eval({"step": 0, "epoch": 0, "checkpoint": "initial", **initial["metrics"]},
+                         rows=initial["rows"])
+
+        def evaluate_fn(step, epoch):
+            res = evaluate(model, tok, bench, reference=reference, limit=cfg.eval_limit,
+                           batch_size=cfg.eval_batch_size, autocast_dtype=autocast_dtype, progress=progress)
+            run.log_eval({"step": step, "epoch": epoch, "checkpoint": "unlearned", **res["metrics"]},
+                         rows=res["rows"])
+            final.clear()
+            final.update(res["metrics"])
+            model.train()
+
+        state = LoopState()
+        try:
+            unlearning_loop(model, tok, bench.forget, bench.retain, method, args, cfg, run=run,
+                            idk_answers=idk, evaluate_fn=evaluate_fn, progress=progress, state=state)
+        except Diverged as e:
+            model.save_pretrained(run.path / "last_good")
+            tok.save_pretrained(run.path / "last_good")
+            raise runs.RunStopped(f"{method.name} diverged: {e}. Trace so far and the last good weights "
+                                  f"({run.path / 'last_good'}) are kept.", status="diverged") from None
+        evaluate_fn(state.step, state.trace[-1]["epoch"] if state.trace else 0)
+        if cfg.save_model:
+            model.save_pretrained(run.path / "model")
+            tok.save_pretrained(run.path / "model")
+        run.write_summary(metrics=final, steps=state.step, seconds=round(time.time() - t0, 2))
+    import pandas as pd
+    return UnlearnResult(run.path, model, tok, final, pd.DataFrame(state.trace), config)

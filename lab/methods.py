@@ -1,0 +1,189 @@
+"""Named unlearning methods = objectives + a gradient combiner (+ modifiers), found by name.
+
+A method says which objective terms make the forget gradient g_f and which make the retain gradient
+g_r (each term: objective name, which batch it reads, weight), how g_f and g_r become the direction d
+(`combiner`), and its hyper-parameters with defaults. The engine (lab.engine) does the rest.
+
+    get_method("NPO+KL")          # names are case/punctuation-insensitive: npo_kl, NPO-KL, npo+kl
+    get_method("GRU-SimNPO+GD")
+    get_method("gdiff(0.1)")      # extended GDiff with c = 0.1
+    list_methods()                # table of every method with its pieces
+
+Sign convention (lab.geometry): g_f is the gradient of the forget objective as a loss to MINIMISE
+(e.g. ga = -NLL), g_r of the retain loss; the optimizer steps theta <- theta - lr * d.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from lab import geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    objective: str           # lab.objectives.OBJECTIVES key
+    source: str = "forget"   # "forget" or "retain" batch
+    weight: str | float = 1.0  # a number or the name of a hyper-parameter (e.g. "retain_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    forget: tuple[Term, ...]          # terms summed into g_f
+    retain: tuple[Term, ...]          # terms summed into g_r
+    combiner: str = "sum"             # "sum" (d = g_f + g_r, one backward suffices) or COMBINERS key
+    defaults: dict = dataclasses.field(default_factory=dict)
+    source: str = ""                  # paper / equation
+    trainable: str | None = None      # "rmu": only the RMU layers' MLP output projections train
+    autolr: bool = False              # NGDiff Alg. 1 learning-rate search (lab.engine.autolr_probe)
+
+    @property
+    def separate_gradients(self) -> bool:
+        """Does d need g_f and g_r separately (two backward passes per step)?"""
+        return self.combiner != "sum"
+
+
+FORGET, RETAIN = "forget", "retain"
+GA, CE = Term("ga"), Term("ce", RETAIN, "retain_weight")
+NPO, SIMNPO, WGA = Term("npo"), Term("simnpo"), Term("wga")
+KL = Term("kl", RETAIN, "retain_weight")
+CE1 = Term("ce", RETAIN)  # unweighted retain NLL (combiners that weigh or normalise g_r themselves)
+
+NPO_ARGS = {"beta": 0.1}
+SIMNPO_ARGS = {"beta": 2.5, "delta": 0.0}
+RMU_ARGS = {"rmu_layer": 2, "rmu_c": 6.5, "rmu_alpha": 100.0, "rmu_layers": [0, 1, 2]}
+GRU_ARGS = {"gamma": 0.8, "tau": None}  # GRU App. D: e.g. gamma 0.8, tau 1e-3 (Phi, TOFU)
+
+METHODS: dict[str, Method] = {}
+
+
+def _add(m: Method, *aliases: str) -> None:
+    for key in (m.name, *aliases):
+        METHODS[key] = m
+
+
+# ---------------------------------------------------------------- GA / GradDiff / NPO family (sum)
+_add(Method("ga", (GA,), (), source="gradient ascent (METHODS §1)"))
+_add(Method("ga_rt", (GA,), (CE,), defaults={"retain_weight": 1.0},
+            source="GradDiff: GA on forget + NLL on retain (NGDiff eq. 1)"), "graddiff", "gd")
+_add(Method("ga_kl", (GA,), (KL,), defaults={"retain_weight": 1.0}, source="GA + KL to theta_0"))
+_add(Method("npo", (NPO,), (), defaults=dict(NPO_ARGS), source="NPO (NGDiff eq. 7, BLUR eq. 4)"))
+_add(Method("npo_gd", (NPO,), (CE,), defaults={**NPO_ARGS, "retain_weight": 1.0},
+            source="NPO + retain NLL"), "npo_rt")
+_add(Method("npo_kl", (NPO,), (KL,), defaults={**NPO_ARGS, "retain_weight": 1.0}, source="NPO + KL"))
+_add(Method("simnpo", (SIMNPO,), (), defaults=dict(SIMNPO_ARGS), source="SimNPO (BLUR eq. 5)"))
+_add(Method("simnpo_gd", (SIMNPO,), (CE,), defaults={**SIMNPO_ARGS, "retain_weight": 1.0},
+            source="SimNPO + retain NLL"), "simnpo_rt")
+_add(Method("wga", (WGA,), (), defaults={"alpha": 1.0}, source="weighted GA (GRU baseline)"))
+_add(Method("dpo_rt", (Term("dpo"),), (CE,), defaults={"beta": 0.1, "retain_weight": 1.0},
+            source="DPO, idk preferred over the forget answer, + retain NLL (ALKN baseline)"), "dpo")
+_add(Method("idk", (Term("idk"),), (), source="NLL of 'I don't know' answers on forget questions"))
+_add(Method("idk_rt", (Term("idk"),), (CE,), defaults={"retain_weight": 1.0}, source="IdK + retain NLL"))
+_add(Method("rmu", (Term("rmu"),), (Term("rmu_retain", RETAIN, "rmu_alpha"),), defaults=dict(RMU_ARGS),
+            source="RMU (BLUR eq. 20; WMDP)", trainable="rmu"))
+
+# ---------------------------------------------------------------- multi-task combiners (NGDiff 2.2)
+_add(Method("gdiff", (GA,), (CE1,), "gdiff", {"c": 0.5}, "extended GDiff d = c g_r + (1-c) g_f (NGDiff eq. 3)"))
+_add(Method("lossnorm", (GA,), (CE1,), "lossnorm", source="LossNorm (NGDiff 2.2 item 4)"))
+_add(Method("rlw", (GA,), (CE1,), "rlw", source="random loss weighting (NGDiff 2.2 item 5)"))
+_add(Method("pcgrad", (GA,), (CE1,), "pcgrad", source="PCGrad (NGDiff 2.2 item 6)"))
+_add(Method("imtl_g", (GA,), (CE1,), "imtl_g", source="IMTL-G (NGDiff 2.2 item 7)"))
+_add(Method("ngdiff", (GA,), (CE1,), "ngdiff", source="NGDiff d = g_r/|g_r| + g_f/|g_f| (NGDiff sec. 3.2)"))
+_add(Method("ngdiff_autolr", (GA,), (CE1,), "ngdiff", {"autolr_every": 10, "autolr_max_factor": None},
+            source="NGDiff + AutoLR (NGDiff Alg. 1)", autolr=True))
+
+# ---------------------------------------------------------------- GRU over a base (GRU Alg. 1)
+# g_u = gradient of the base method's loss; the retain gradient whose EMA rectifies it is always the
+# retain NLL. `retain_in_update`: the base's own loss contains that same retain NLL (GD-style bases),
+# so g_u = g_f + retain_weight * g_r and the retain gradient is computed once.
+GRU_BASES = {
+    "ga": ((GA,), False, {}), "wga": ((WGA,), False, {"alpha": 1.0}), "npo": ((NPO,), False, NPO_ARGS),
+    "gd": ((GA,), True, {}), "npo_kl": ((NPO, KL), False, NPO_ARGS), "npo_gd": ((NPO,), True, NPO_ARGS),
+    "simnpo_gd": ((SIMNPO,), True, SIMNPO_ARGS),
+}
+for base, (terms, in_update, args) in GRU_BASES.items():
+    defaults = {**GRU_ARGS, **args, "retain_in_update": in_update, "retain_weight": 1.0}
+    _add(Method(f"gru_{base}", terms, (CE1,), "gru", defaults, f"GRU over {base} (GRU Alg. 1, eq. 8-9)"),
+         *([f"gru_ga_rt", "gru_graddiff"] if base == "gd" else []),
+         *(["gru_npo_rt"] if base == "npo_gd" else []))
+
+# ---------------------------------------------------------------- BLUR (BLUR eq. 14)
+_add(Method("blur_npo", (NPO,), (CE1,), "blur", {**NPO_ARGS, "gamma": 1.0}, "BLUR-NPO (BLUR eq. 14)"))
+_add(Method("blur_ga", (GA,), (CE1,), "blur", {"gamma": 1.0}, "BLUR-GA (BLUR eq. 14)"))
+_add(Method("blur_simnpo", (SIMNPO,), (CE1,), "blur", {**SIMNPO_ARGS, "gamma": 1.0}, "BLUR-SimNPO"))
+_add(Method("blur_rmu", (Term("rmu"),), (Term("rmu_retain", RETAIN, "rmu_alpha"),), "blur",
+            {**RMU_ARGS, "gamma": 0.00125}, "BLUR-RMU (BLUR eq. 14 + eq. 20; gamma as BLUR Table 7)",
+            trainable="rmu"))
+
+ENGINE_ARGS = ("autolr_every", "autolr_max_factor")
+
+
+def normalise_name(name: str) -> str:
+    return re.sub(r"[\s+\-]+", "_", name.strip().lower())
+
+
+def get_method(name: str, **overrides) -> tuple[Method, dict]:
+    """Look up a method by name -> (Method, args with defaults filled and overrides validated)."""
+    key = normalise_name(name)
+    match = re.fullmatch(r"gdiff\(([0-9.]+)\)", key)
+    if match:
+        key, overrides = "gdiff", {"c": float(match.group(1)), **overrides}
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))} "
+                         "(case and +/- insensitive; gdiff(c) sets c)")
+    method = METHODS[key]
+    unknown = set(overrides) - set(method.defaults)
+    if unknown:
+        raise ValueError(f"method {method.name!r}: unknown options {sorted(unknown)}; "
+                         f"valid: {sorted(method.defaults) or 'none'}")
+    args = {**method.defaults, **overrides}
+    if method.combiner == "gdiff" and not 0.0 <= args["c"] <= 1.0:
+        raise ValueError(f"gdiff: c={args['c']} must lie in [0, 1]")
+    return method, args
+
+
+def list_methods():
+    """One row per method (aliases folded): pieces and defaults, for notebooks and `lab methods`."""
+    import pandas as pd
+    seen, rows = set(), []
+    for key, m in METHODS.items():
+        if m.name in seen:
+            continue
+        seen.add(m.name)
+        aliases = [k for k, v in METHODS.items() if v is m and k != m.name]
+        fmt = lambda terms: " + ".join(f"{t.objective}@{t.source}" for t in terms)
+        rows.append({"method": m.name, "aliases": ", ".join(aliases), "forget": fmt(m.forget),
+                     "retain": fmt(m.retain), "combiner": m.combiner, "defaults": m.defaults,
+                     "source": m.source})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- combiner adapters
+def combine(method: Method, args: dict, g_f, g_r, losses: dict, state: dict, generator=None, group=None):
+    """g_f, g_r (lists of tensors; g_r may be empty) -> (d, info). `state` persists across steps."""
+    c = method.combiner
+    if c == "sum":
+        return (geometry.add(g_f, g_r) if g_r else g_f), {}
+    if c == "gdiff":
+        return geometry.gdiff_direction(g_f, g_r, c=args["c"])
+    if c == "lossnorm":
+        return geometry.lossnorm_direction(g_f, g_r, losses["loss_f"], losses["loss_r"])
+    if c == "rlw":
+        return geometry.rlw_direction(g_f, g_r, generator=generator)
+    if c in ("pcgrad", "imtl_g", "ngdiff"):
+        return geometry.COMBINERS[c](g_f, g_r)
+    if c == "blur":
+        return geometry.blur_direction(g_f, g_r, gamma=args["gamma"])
+    if c == "gru":
+        # GRU Alg. 1 lines 5-12: g_u = base-loss gradient; EMA of retain gradients (eq. 9); rectify (eq. 8)
+        g_u = geometry.add(g_f, g_r, alpha=args["retain_weight"]) if args["retain_in_update"] else g_f
+        if args["gamma"] is None:
+            reference = g_r
+        else:
+            if "retain_grad_ema" not in state:
+                state["retain_grad_ema"] = geometry.zeros_like(g_r)
+            geometry.ema_update_(state["retain_grad_ema"], g_r, args["gamma"])
+            reference = state["retain_grad_ema"]
+        return geometry.gru_rectify(g_u, reference, tau=args["tau"])
+    raise ValueError(f"unknown combiner {c!r}; valid: sum, {', '.join(sorted(geometry.COMBINERS))}")
