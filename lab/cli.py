@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", nargs="*", metavar="K=V", help="any other UnlearnConfig field")
     sp.set_defaults(func=cmd_unlearn)
 
+    sp = sub.add_parser("bench", help="engine benchmark: step time / memory of each method vs the floor",
+                        add_help=False)
+    sp.add_argument("bench_args", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=lambda a: __import__("lab.bench").bench.main(a.bench_args))
+
     sp = sub.add_parser("methods", help="list unlearning methods (objectives, combiner, defaults)")
     sp.set_defaults(func=cmd_methods)
 

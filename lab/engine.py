@@ -399,7 +399,7 @@ def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *,
         loss_f, loss_r = _group_loss(losses_f, terms_f, args), _group_loss(losses_r, terms_r, args)
         d, info = combine(method, args, g_f, g_r, {"loss_f": loss_f, "loss_r": loss_r},
                           state.combiner_state, generator=rlw_gen)
-        if diag or method.separate_gradients:
+        if diag:
             if g_r:
                 scalars.update(geometry.alignment(g_f, g_r, d))
             else:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 import lab
@@ -141,12 +142,20 @@ def prepare(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, see
     """Fine-tune target (forget + retain) and retain-only models, evaluate both, cache the result."""
     cfg = prepare_config(model, benchmark, benchmark_kwargs, seed, **hparams)
     path = cache_root() / "prepared" / _hash(cfg)
-    if (path / "prepared.json").exists() and not force:
-        prepared = _load_prepared(path)
-        if verbose:
-            print(f"prepared models (cached): {path}")
-            print(memorisation_table(prepared))
-        return prepared
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one preparer per cache entry: parallel test workers / notebooks wait instead of training twice
+    with FileLock(str(path) + ".lock"):
+        if (path / "prepared.json").exists() and not force:
+            prepared = _load_prepared(path)
+            if verbose:
+                print(f"prepared models (cached): {path}")
+                print(memorisation_table(prepared))
+            return prepared
+        return _prepare_fresh(cfg, path, runs_root, verbose)
+
+
+def _prepare_fresh(cfg, path, runs_root, verbose) -> Prepared:
+    model, seed = cfg["model"], cfg["seed"]
 
     bench = benchmark_from_config(cfg["benchmark"])
     autocast_dtype = getattr(torch, cfg["autocast"]) if cfg["autocast"] else None

@@ -1,0 +1,167 @@
+"""Engine benchmark: step time and peak memory of each gradient-geometry method against the floor.
+
+    lab bench --model tiny --rounds 20          # or: python -m lab.bench --model smollm2-135m
+
+All variants run in ONE process on the same model and the same batches, interleaved round-robin so
+machine noise hits them alike; times are medians over rounds, reported as ratios to the floor step:
+fwd+bwd on the forget batch, fwd+bwd on the retain batch, optimizer step, nothing else. Peak memory is
+measured with torch's MemTracker (CPU and CUDA) around one step of each variant and reported as the
+delta to the floor in units of the model's parameter size. Writes a table and a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lab import engine, runs
+from lab.engine import LoopState, UnlearnConfig
+from lab.methods import get_method
+
+VARIANTS = [  # (label, method, diagnostics every k; 0 = off)
+    ("graddiff", "ga_rt", 0), ("graddiff+diag", "ga_rt", 1),
+    ("gru", "gru_gd", 0), ("gru+diag", "gru_gd", 1),
+    ("blur", "blur_ga", 0), ("blur+diag", "blur_ga", 1),
+    ("ngdiff", "ngdiff", 0), ("ngdiff+diag", "ngdiff", 1),
+    ("ngdiff+autolr", "ngdiff_autolr", 0), ("ngdiff+autolr+diag", "ngdiff_autolr", 1),
+]
+
+
+def _batches(model_name, batch_size, max_length, device, seed=0):
+    from lab.data import tofu_subset
+    from lab.models import load_model
+    model, tok = load_model(model_name, device=device, seed=seed)
+    bench = tofu_subset()
+    rows = list(range(batch_size))
+    micro = [{"forget": engine.encode_rows(tok, bench.forget, rows, max_length=max_length),
+              "retain": engine.encode_rows(tok, bench.retain, rows, max_length=max_length)}]
+    return model, [engine._to(m, device) for m in micro]
+
+
+def _floor_step(model, params, optimizer, micro, ctx, args):
+    method, _ = get_method("ga_rt")
+    for p in params:
+        p.grad = None
+    for mb in micro:
+        for term in (*method.forget, *method.retain):
+            from lab.objectives import get_objective
+            obj = get_objective(term.objective)
+            (obj.fn(model, mb[term.source], ctx) / obj.count(mb[term.source])).backward()
+    optimizer.step()
+    return {}
+
+
+def _variant_runner(label, method_name, diag, model, params, optimizer, micro, cfg):
+    if label == "floor":
+        method, args = get_method("ga_rt")
+        ctx = engine.make_context(model, method, args, None, None, cfg, None)
+        return lambda: _floor_step(model, params, optimizer, micro, ctx, args)
+    method, args = get_method(method_name)
+    vcfg = UnlearnConfig(**{**cfg.__dict__, "method": method_name, "diagnostics": diag})
+    ctx = engine.make_context(model, method, args, None, None, vcfg, None)
+    state = LoopState()
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        row = engine._step(model, params, optimizer, method, args, ctx, micro, state, vcfg, vcfg.lr,
+                           rlw_gen=gen, group=None, autolr_due=method.autolr and state.step % 10 == 0)
+        state.step += 1
+        return row
+    return step
+
+
+def run_bench(model_name="tiny", rounds=20, warmup=3, batch_size=8, max_length=256, device="cpu",
+              memory=True, variants=VARIANTS, progress=True) -> dict:
+    torch.manual_seed(0)
+    model, micro = _batches(model_name, batch_size, max_length, device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    cfg = UnlearnConfig(method="ga_rt", model=model_name, lr=1e-7, batch_size=batch_size)
+    # lr tiny: the steps must not change the model's numerics (no divergence mid-benchmark)
+    all_variants = [("floor", None, 0), *variants]
+    optimizers = {label: torch.optim.AdamW(params, lr=cfg.lr) for label, _, _ in all_variants}
+    runners = {label: _variant_runner(label, m, k, model, params, optimizers[label], micro, cfg)
+               for label, m, k in all_variants}
+    times = {label: [] for label in runners}
+    for r in range(warmup + rounds):
+        for label, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[label].append(time.perf_counter() - t0)
+        if progress:
+            print(f"\rround {r + 1}/{warmup + rounds}", end="", flush=True)
+    if progress:
+        print()
+    floor = statistics.median(times["floor"])
+    result = {"model": model_name, "device": device, "rounds": rounds, "batch_size": batch_size,
+              "max_length": max_length, "param_bytes": param_bytes, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "floor_seconds": floor, "variants": {}}
+    peaks = _peak_memory(model, params, optimizers, runners) if memory else {}
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        entry = {"median_seconds": med, "ratio_to_floor": med / floor,
+                 "iqr_ratio": (statistics.quantiles(ts, n=4)[2] - statistics.quantiles(ts, n=4)[0]) / floor}
+        if peaks:
+            entry["peak_bytes"] = peaks[label]
+            entry["peak_delta_params"] = (peaks[label] - peaks["floor"]) / param_bytes
+        result["variants"][label] = entry
+    return result
+
+
+def _peak_memory(model, params, optimizers, runners) -> dict:
+    from torch.distributed._tools.mem_tracker import MemTracker
+    peaks = {}
+    for label, fn in runners.items():
+        tracker = MemTracker()
+        tracker.track_external(model, optimizers[label])
+        with tracker:
+            fn()
+        peaks[label] = sum(v["Total"] for v in _as_dict(tracker.get_tracker_snapshot("peak")).values())
+    return peaks
+
+
+def _as_dict(snapshot):
+    return {str(dev): {str(k): v for k, v in stats.items()} for dev, stats in snapshot.items()}
+
+
+def format_table(result: dict) -> str:
+    import pandas as pd
+    df = pd.DataFrame(result["variants"]).T
+    cols = [c for c in ("ratio_to_floor", "iqr_ratio", "median_seconds", "peak_delta_params") if c in df]
+    head = (f"model={result['model']} device={result['device']} params={result['param_bytes'] / 2**20:.1f} MiB "
+            f"batch={result['batch_size']}x{result['max_length']} rounds={result['rounds']} "
+            f"floor={result['floor_seconds'] * 1000:.1f} ms")
+    return head + "\n" + df[cols].astype(float).to_string(float_format=lambda x: f"{x:.3f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="lab bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", default="bench/results", help="folder for <model>-<device>.json")
+    args = p.parse_args(argv)
+    result = run_bench(args.model, rounds=args.rounds, batch_size=args.batch_size,
+                       max_length=args.max_length, device=args.device, memory=not args.no_memory)
+    print(format_table(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.model}-{args.device}.json"
+    runs.atomic_write_json(path, result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The engine loop on the tiny preset: every method runs, accumulation/DDP equivalence, AutoLR, NaN."""
+import dataclasses
+import math
+import os
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lab import engine, geometry, runs
+from lab.engine import UnlearnConfig, accumulate, autolr_probe, unlearning_loop, would_be_update
+from lab.methods import METHODS, get_method
+from lab.objectives import OBJECTIVES, ObjectiveContext
+
+ALL_METHODS = sorted({m.name for m in METHODS.values()})
+
+
+@pytest.fixture(scope="module")
+def bench():
+    from lab.data import tofu_subset
+    return tofu_subset(n_retain_authors=2, n_forget_authors=1)
+
+
+def _fresh(seed=0):
+    from lab.models import load_model
+    return load_model("tiny", seed=seed)
+
+
+def _cfg(**kw):
+    base = dict(method="ga_rt", model="tiny", lr=1e-3, batch_size=4, max_steps=3, max_length=128,
+                eval_batch_size=8)
+    return UnlearnConfig(**{**base, **kw})
+
+
+def _run(method, bench, tmp_path, **kw):
+    model, tok = _fresh()
+    cfg = _cfg(method=method, **kw)
+    m, args = get_method(cfg.method, **cfg.method_args)
+    from lab.data import idk_answers
+    with runs.create_run({"kind": "unlearn", "method": m.name}, root=tmp_path) as run:
+        state = unlearning_loop(model, tok, bench.forget, bench.retain, m, args, cfg, run=run,
+                                idk_answers=idk_answers(), progress=False)
+    return model, pd.DataFrame(state.trace), runs.load_run(run.path)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_every_method_runs_and_traces(name, bench, tmp_path):
+    model, trace, rec = _run(name, bench, tmp_path)
+    method = METHODS[name]
+    assert len(trace) == 3 and rec.status == "done"
+    assert set(runs.TRACE_COLUMNS) - {"cos_update_r"} <= set(rec.trace.columns) | {"task"}
+    assert np.isfinite(trace["loss_f"]).all()
+    if method.retain:
+        assert np.isfinite(trace[["loss_r", "grad_norm_f", "grad_norm_r", "cos_fr", "align_f", "align_r",
+                                  "cos_update_f", "cos_update_r"]]).all().all()
+    extras = {"gru": ["cos_pre", "cos_post", "projected"], "blur": ["xi"]}.get(method.combiner, [])
+    assert set(extras) <= set(trace.columns)
+    if method.autolr:
+        assert trace["autolr_probe"].iloc[0] == 1.0 and "autolr_lr" in trace
+
+
+def test_geometry_invariants_in_the_trace(bench, tmp_path):
+    _, blur, _ = _run("blur_npo", bench, tmp_path / "b", method_args={"gamma": 0.7})
+    assert np.allclose(blur["align_f"], 0.7, atol=1e-4)              # BLUR: A_f == gamma exactly
+    _, ng, _ = _run("ngdiff", bench, tmp_path / "n")
+    assert (ng["align_f"] >= -1e-6).all() and (ng["align_r"] >= -1e-6).all()   # NGDiff Lemma 4
+    _, gru, _ = _run("gru_gd", bench, tmp_path / "g")
+    assert (gru["cos_post"] >= -1e-5).all()
+
+
+def test_diagnostics_every_k(bench, tmp_path):
+    _, off, _ = _run("npo_gd", bench, tmp_path / "off", diagnostics=0)
+    assert "align_f" not in off or off["align_f"].isna().all()
+    _, every2, _ = _run("npo_gd", bench, tmp_path / "k2", diagnostics=2, max_steps=4)
+    assert every2["align_f"].notna().tolist() == [True, False, True, False]
+    # with or without diagnostics the sum method takes the same steps (one vs two backward passes)
+    m_off, _, _ = _run("npo_gd", bench, tmp_path / "off2", diagnostics=0)
+    m_on, _, _ = _run("npo_gd", bench, tmp_path / "on2", diagnostics=1)
+    for a, b in zip(m_off.parameters(), m_on.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_double_batch(bench):
+    """2 micro-batches of 2 rows == 1 batch of 4 rows, for token-level (ce) and sequence-level (npo)."""
+    model, tok = _fresh()
+    params = list(model.parameters())
+    rows = [0, 1, 2, 3]
+    enc = lambda r, ds: engine._to(engine.encode_rows(tok, ds, r, max_length=128), "cpu")
+    whole = [{"forget": enc(rows, bench.forget), "retain": enc(rows, bench.retain)}]
+    halves = [{"forget": enc(rows[:2], bench.forget), "retain": enc(rows[2:], bench.retain)},
+              {"forget": enc(rows[2:], bench.forget), "retain": enc(rows[:2], bench.retain)}]
+    method, args = get_method("npo_gd")
+    cfg = _cfg()
+    ctx = engine.make_context(model, method, args, bench.forget, tok, cfg, None)
+    for terms in (method.forget, method.retain):
+        g1, l1 = accumulate(model, params, terms, whole, ctx, args)
+        g2, l2 = accumulate(model, params, terms, halves, ctx, args)
+        assert torch.allclose(l1, l2, atol=1e-6)
+        assert float(geometry.norm(geometry.add(g1, g2, alpha=-1.0))) < 1e-6 * float(geometry.norm(g1))
+
+
+def test_accumulation_end_to_end(bench, tmp_path):
+    m1, t1, _ = _run("pcgrad", bench, tmp_path / "a", micro_batch_size=None)
+    m2, t2, _ = _run("pcgrad", bench, tmp_path / "b", micro_batch_size=2)
+    m4, _, _ = _run("pcgrad", bench, tmp_path / "c", micro_batch_size=1)
+    for a, b, c in zip(m1.parameters(), m2.parameters(), m4.parameters()):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+    assert np.allclose(t1["loss_f"], t2["loss_f"], atol=1e-5)
+
+
+def test_deterministic(bench, tmp_path):
+    _, a, _ = _run("rlw", bench, tmp_path / "a")
+    _, b, _ = _run("rlw", bench, tmp_path / "b")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_would_be_update_matches_adamw_and_leaves_state_alone():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01)
+    for _ in range(2):  # build some state
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    d = [torch.randn_like(p) for p in params]
+    state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    update = would_be_update(opt, params, d)
+    assert all(torch.equal(state_before[k], opt.state[params[0]][k]) for k in state_before)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, d):
+        p.grad = g
+    opt.step()
+    for b, p, u in zip(before, params, update):
+        assert torch.allclose(b - p.detach(), 0.1 * u, atol=1e-6)
+
+
+def test_autolr_recovers_the_quadratic_optimum_and_restores_parameters():
+    a = 4.0
+    target = torch.tensor([1.0, -2.0, 0.5])
+    theta = [torch.nn.Parameter(torch.tensor([3.0, 1.0, 0.0]))]
+    loss = lambda: 0.5 * a * ((theta[0] - target) ** 2).sum()
+    D = [a * (theta[0].detach() - target)]          # the gradient as the update direction
+    before = theta[0].detach().clone()
+    out = autolr_probe(loss, theta, D, lr=0.01, loss_0=loss().detach())
+    assert out["autolr_accepted"] == 1.0 and out["autolr_lr"] == pytest.approx(1 / a, rel=1e-4)
+    assert torch.equal(theta[0].detach(), before)
+    # concave along D: keep the old lr
+    concave = lambda: -loss()
+    out = autolr_probe(concave, theta, D, lr=0.01, loss_0=concave().detach())
+    assert out["autolr_accepted"] == 0.0 and out["autolr_lr"] == 0.01
+
+
+def test_divergence_stops_with_message(bench, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    ga = OBJECTIVES["ga"]
+
+    def exploding(model, batch, ctx):
+        calls["n"] += 1
+        out = ga.fn(model, batch, ctx)
+        return out * float("nan") if calls["n"] > 2 else out
+
+    monkeypatch.setitem(OBJECTIVES, "ga", dataclasses.replace(ga, fn=exploding))
+    with pytest.raises(engine.Diverged, match=r"step 2: non-finite ga@forget"):
+        _run("ga", bench, tmp_path)
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="micro_batch_size=3 must divide"):
+        UnlearnConfig(batch_size=4, micro_batch_size=3)
+    with pytest.raises(ValueError, match="unknown method"):
+        UnlearnConfig(method="nope")
+    with pytest.raises(ValueError, match="schedule='cosine'; valid"):
+        UnlearnConfig(schedule="cosine")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir, method):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from lab.data import tofu_subset
+    bench = tofu_subset(n_retain_authors=2, n_forget_authors=1)
+    model, tok = _fresh()
+    m, args = get_method(method)
+    unlearning_loop(model, tok, bench.forget, bench.retain, m, args, _cfg(method=method), progress=False,
+                    group=dist.group.WORLD)
+    if rank == 0:
+        torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ngdiff", "gru_npo_gd"])
+def test_ddp_two_processes_match_single_process(method, bench, tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), method), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    single, _, _ = _run(method, bench, tmp_path / "single")
+    for a, b in zip(single.parameters(), ddp):
+        assert torch.allclose(a.detach(), b, atol=1e-5)

@@ -1,0 +1,50 @@
+import pytest
+
+from lab.methods import METHODS, get_method, list_methods, normalise_name
+
+ISSUE_NAMES = [  # every method the engine issue names, spelled as the papers do
+    "GA", "GA+RT", "GA+KL", "GradDiff", "gdiff(0.1)", "gdiff(0.5)", "gdiff(0.9)", "NPO", "NPO+RT", "NPO+GD",
+    "NPO+KL", "SimNPO", "SimNPO+GD", "WGA", "DPO+RT", "IdK", "LossNorm", "RLW", "PCGrad", "IMTL-G",
+    "NGDiff", "NGDiff+AutoLR", "GRU-GA", "GRU-WGA", "GRU-NPO", "GRU-GD", "GRU-NPO+KL", "GRU-NPO+GD",
+    "GRU-SimNPO+GD", "BLUR-NPO", "BLUR-GA", "BLUR-SimNPO", "BLUR-RMU", "RMU",
+]
+
+
+@pytest.mark.parametrize("name", ISSUE_NAMES)
+def test_every_paper_name_resolves(name):
+    method, args = get_method(name)
+    assert method is METHODS[method.name]
+
+
+def test_aliases_and_gdiff_c():
+    assert get_method("NPO+RT")[0] is get_method("npo_gd")[0]
+    assert get_method("GradDiff")[0] is get_method("ga_rt")[0]
+    assert get_method("gdiff(0.1)")[1]["c"] == 0.1
+    assert normalise_name(" GRU-NPO+GD ") == "gru_npo_gd"
+
+
+def test_pieces_follow_methods_md():
+    gru_gd, args = get_method("gru_gd")
+    assert gru_gd.combiner == "gru" and args["retain_in_update"] and args["gamma"] == 0.8
+    gru_npo_kl, args = get_method("gru_npo_kl")
+    assert [t.objective for t in gru_npo_kl.forget] == ["npo", "kl"] and not args["retain_in_update"]
+    assert [t.objective for t in gru_npo_kl.retain] == ["ce"]
+    blur, args = get_method("blur_npo")
+    assert blur.combiner == "blur" and args == {"beta": 0.1, "gamma": 1.0}
+    assert get_method("ngdiff_autolr")[0].autolr and not get_method("ngdiff")[0].autolr
+    assert not get_method("npo_kl")[0].separate_gradients and get_method("pcgrad")[0].separate_gradients
+
+
+def test_bad_names_and_options_list_what_is_valid():
+    with pytest.raises(ValueError, match="valid: .*blur_npo"):
+        get_method("blurr")
+    with pytest.raises(ValueError, match=r"unknown options \['gama'\]; valid: \['beta', 'gamma'\]"):
+        get_method("blur_npo", gama=2)
+    with pytest.raises(ValueError, match=r"c=1.5 must lie in \[0, 1\]"):
+        get_method("gdiff", c=1.5)
+
+
+def test_list_methods_one_row_per_method():
+    df = list_methods()
+    assert df["method"].is_unique and {"ga_rt", "gru_simnpo_gd", "blur_rmu"} <= set(df["method"])
+    assert "graddiff" in df.set_index("method").loc["ga_rt", "aliases"]
