@@ -1,0 +1,573 @@
+"""Benchmark data: offline TOFU and MUSE-News loaders, Benchmark builders, QA encoding.
+
+    bench = get_benchmark("tofu_subset")            # or tofu_forget01|05|10, muse_news
+    bench.forget, bench.retain                      # what unlearning trains on
+    bench.eval_sets["forget"]                       # what lab.eval scores
+    for batch in qa_batches(tok, bench.retain, 16, shuffle=True, seed=0):
+        loss = model(**batch).loss                  # input_ids, attention_mask, labels (-100 = ignored)
+
+Where the data comes from (`data_root`): the `root` argument, else $LAB_DATA, else `<repo>/../shared/data`
+(the offline copy, see its README.md); only when none of these exists do the loaders ask the Hugging Face
+hub ("locuslab/TOFU", "muse-bench/MUSE-News"). Parsed files are cached in-process per (path, mtime).
+
+Row identity: every TOFU dataset has an int column `row` (index within its source file) and `author`
+(full-row // 20 for splits that are slices of full.json, -1 otherwise); slices of full also carry
+`full_row`. Rows are never keyed by question text: "What is the full name of the author?" occurs twice
+(full rows 100 and 440) with different answers.
+
+MUSE-News offline: the raw retain1/retain2/holdout corpora are not available (`MUSE_MISSING`), so a retain
+loss on MUSE uses a stand-in, by default the knowmem retain QA (`MUSE_RETAIN_STANDIN`); the benchmark's
+config records it under "retain_standin" so runs say so. Rows are kept as shipped: raw/forget (= sust/forget_1)
+holds one empty article (row 821), which contributes no target tokens.
+
+Encoding conventions (encode_pairs / encode_prompts):
+- prompt and target are tokenized separately; the only special token added is one BOS at the very start
+  of the prompt, and only if the tokenizer adds a BOS by itself and the prompt text does not already
+  start with it (chat templates often render `bos_token`);
+- targets go through `answer_text` (a leading space without a chat template) unless the prompt is empty
+  (whole-text scoring) or already ends in whitespace;
+- a tokenizer without a pad token is NOT modified: batches are padded with its eos id (0 if it has no
+  eos either); padded positions are masked out by attention_mask and labels, so the id is irrelevant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from datasets import Dataset, concatenate_datasets
+
+AUTHOR_ROWS = 20            # TOFU: every author is a block of 20 consecutive QA rows
+TOFU_FULL_ROWS = 4000       # 200 authors
+TOFU_FORGET_ROWS = {"forget01": 40, "forget05": 200, "forget10": 400}   # the LAST rows of full
+TOFU_RETAIN_FOR = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+TOFU_HOLDOUT_FOR = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
+TOFU_PERTURBED_FORGET = tuple(f"{s}_perturbed" for s in TOFU_FORGET_ROWS)
+TOFU_SPLITS = ("full", "retain90", "retain95", "retain99", *TOFU_FORGET_ROWS, *TOFU_PERTURBED_FORGET,
+               "retain_perturbed", "real_authors", "real_authors_perturbed", "world_facts",
+               "world_facts_perturbed", "holdout01", "holdout05", "holdout10", "idontknow")
+# splits whose rows are full.json rows (first rows: full/retain, last rows: forget)
+_FULL_PREFIX = {"full": 4000, "retain90": 3600, "retain95": 3800, "retain99": 3960, "retain_perturbed": 400}
+
+MUSE_SPLITS = ("raw/forget", "verbmem/forget", "knowmem/forget_qa", "knowmem/retain2_qa",
+               "knowmem/forget_qa_icl", "knowmem/retain2_qa_icl", "privleak/forget", "privleak/retain2",
+               "privleak/holdout", "sust/forget_1", "sust/forget_2", "sust/forget_3", "sust/forget_4")
+MUSE_MISSING = ("raw/retain1", "raw/retain2", "raw/holdout", "scal/forget_2", "scal/forget_3", "scal/forget_4")
+MUSE_RETAIN_STANDIN = "knowmem/retain2_qa"
+MUSE_RETAIN_CHOICES = ("knowmem/retain2_qa", "privleak/retain2")
+_MUSE_TEXT = ("raw", "privleak", "sust")
+
+
+# ---------------------------------------------------------------- files
+def data_root(root=None) -> Path | None:
+    """The offline data folder (holding tofu/ and muse_news/), or None meaning "use the hub"."""
+    if root is None and os.environ.get("LAB_DATA"):
+        root, origin = os.environ["LAB_DATA"], " (from $LAB_DATA)"
+    else:
+        origin = ""
+    if root is not None:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"data root {path}{origin} does not exist; expected a folder holding "
+                                    "tofu/ and muse_news/ (see shared/data/README.md)")
+        return path
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return default if default.is_dir() else None
+
+
+_JSON_WS = re.compile(r"\s*")
+
+
+def _parse_json(path: str) -> list:
+    """Records of a file holding one JSON array, several arrays (one per line) or JSON lines."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    out: list = []
+    # one value per line (full.json, retain9x.json, JSON lines): parse line by line to name the bad line;
+    # a file whose first line is not a whole value (a pretty-printed array) is parsed as one document
+    line_mode = False
+    if len(lines) > 1:
+        try:
+            json.loads(lines[0][1])
+            line_mode = True
+        except json.JSONDecodeError:
+            pass
+    if line_mode:
+        for i, ln in lines:
+            try:
+                value = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed JSON on line {i}, column {e.colno}: {e.msg}") from None
+            out.extend(value) if isinstance(value, list) else out.append(value)
+        return out
+    pos, dec = 0, json.JSONDecoder()
+    while (pos := _JSON_WS.match(text, pos).end()) < len(text):
+        try:
+            value, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON on line {e.lineno}, column {e.colno}: {e.msg}") from None
+        out.extend(value) if isinstance(value, list) else out.append(value)
+    return out
+
+
+def _parse_lines(path: str) -> list:
+    """idontknow.jsonl: one answer per line, plain text (as shipped) or a JSON string."""
+    out = []
+    for ln in Path(path).read_text(encoding="utf-8").splitlines():
+        ln = ln.strip()
+        if ln.startswith('"'):
+            try:
+                ln = json.loads(ln)
+            except json.JSONDecodeError:
+                pass
+        if ln:
+            out.append(ln)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_cached(path: str, mtime_ns: int, size: int, kind: str) -> tuple:
+    return tuple(_parse_lines(path) if kind == "lines" else _parse_json(path))
+
+
+def read_records(path, kind="json") -> list:
+    """Parsed records of a data file, cached per (path, mtime, size). Do not mutate the records."""
+    path = Path(path)
+    st = path.stat()
+    return list(_parse_cached(str(path), st.st_mtime_ns, st.st_size, kind))
+
+
+def _check_records(where, records, keys) -> None:
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: record {i + 1} (row {i}) is a {type(r).__name__}, "
+                             f"expected an object with keys {list(keys)}")
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"{where}: record {i + 1} (row {i}) lacks {missing}; it has {sorted(r)}")
+
+
+def _required_keys(split: str) -> tuple:
+    if split in TOFU_PERTURBED_FORGET or split == "retain_perturbed":
+        return "question", "answer", "paraphrased_answer", "perturbed_answer"
+    if split.endswith("_perturbed"):
+        return "question", "answer", "perturbed_answer"
+    return "question", "answer"
+
+
+# ---------------------------------------------------------------- hub fallback (no local data root)
+def _hub_tofu(split: str) -> list:
+    if split == "idontknow":
+        raise FileNotFoundError("idontknow.jsonl is not a locuslab/TOFU hub config; point $LAB_DATA (or "
+                                "root=) at a data folder holding tofu/idontknow.jsonl")
+    from datasets import load_dataset
+    return load_dataset("locuslab/TOFU", split, split="train").to_list()
+
+
+def _hub_muse(split: str) -> list:
+    from datasets import load_dataset
+    config, name = split.split("/")
+    rows = load_dataset("muse-bench/MUSE-News", config, split=name.replace("retain2", "retain")).to_list()
+    return [r["text"] for r in rows] if config in _MUSE_TEXT else rows
+
+
+# ---------------------------------------------------------------- TOFU
+def _tofu_available(folder: Path) -> list[str]:
+    have = {p.stem for p in folder.glob("*.json")} | {p.stem for p in folder.glob("*.jsonl")}
+    if "full" in have:
+        have |= set(TOFU_FORGET_ROWS)
+    return [s for s in TOFU_SPLITS if s in have]
+
+
+def _tofu_records(split: str, base: Path | None) -> tuple[list, str]:
+    """(records, where they came from) of one TOFU file."""
+    if base is None:
+        return _hub_tofu(split), f"locuslab/TOFU:{split}"
+    folder = base / "tofu"
+    path = folder / (f"{split}.jsonl" if split == "idontknow" else f"{split}.json")
+    if not path.is_file():
+        have = _tofu_available(folder) if folder.is_dir() else []
+        raise FileNotFoundError(f"TOFU split {split!r}: no file {path}; splits available in {folder}: "
+                                f"{have or 'none'}")
+    return read_records(path, "lines" if split == "idontknow" else "json"), str(path)
+
+
+def idk_answers(root=None) -> list[str]:
+    """The TOFU "I don't know" answers (idontknow.jsonl), for idk / dpo objectives."""
+    return list(_tofu_records("idontknow", data_root(root))[0])
+
+
+def load_tofu(split: str, root=None) -> Dataset:
+    """One TOFU split as a Dataset with its fields plus int columns row, author (and full_row)."""
+    if split not in TOFU_SPLITS:
+        raise ValueError(f"unknown TOFU split {split!r}; valid: {list(TOFU_SPLITS)}")
+    base = data_root(root)
+    if split == "idontknow":
+        return Dataset.from_dict({"text": idk_answers(root)})
+    source = "full" if split in TOFU_FORGET_ROWS else split
+    records, where = _tofu_records(source, base)
+    _check_records(where, records, _required_keys(source))
+    if split in TOFU_FORGET_ROWS or split in TOFU_PERTURBED_FORGET:
+        n = TOFU_FORGET_ROWS[split.removesuffix("_perturbed")]
+        if len(records) < n:
+            raise ValueError(f"{where}: {len(records)} rows, but {split} needs {n}")
+        records = records[-n:]
+        full_row = list(range(TOFU_FULL_ROWS - n, TOFU_FULL_ROWS))
+    elif split in _FULL_PREFIX:
+        full_row = list(range(len(records)))
+    else:
+        full_row = None
+    cols = {k: [r.get(k) for r in records] for k in records[0]} if records else {"question": [], "answer": []}
+    cols["row"] = list(range(len(records)))
+    if full_row is not None:
+        cols["full_row"] = full_row
+        cols["author"] = [r // AUTHOR_ROWS for r in full_row]
+    else:  # real authors, world facts, holdout (its authors are not in full)
+        cols["author"] = [-1] * len(records)
+    return Dataset.from_dict(cols)
+
+
+def tofu_continual_tasks(n_tasks: int = 5, split: str = "forget10", root=None) -> list[Dataset]:
+    """ALKN continual setting: the perturbed forget split as n_tasks consecutive whole-author blocks.
+
+    Each task has the perturbed fields plus row, full_row, author and `task` (0-based)."""
+    base_split = split.removesuffix("_perturbed")
+    if base_split not in TOFU_FORGET_ROWS:
+        raise ValueError(f"tofu_continual_tasks: split {split!r}; valid: {list(TOFU_FORGET_ROWS)}")
+    ds = load_tofu(f"{base_split}_perturbed", root)
+    n_authors = len(ds) // AUTHOR_ROWS
+    valid = [k for k in range(1, n_authors + 1) if n_authors % k == 0]
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks not in valid:
+        raise ValueError(f"tofu_continual_tasks: {split} has {n_authors} authors, which cannot be cut into "
+                         f"n_tasks={n_tasks!r} equal whole-author tasks; valid n_tasks: {valid}")
+    per = len(ds) // n_tasks
+    return [ds.select(range(t * per, (t + 1) * per)).add_column("task", [t] * per) for t in range(n_tasks)]
+
+
+# ---------------------------------------------------------------- MUSE-News
+def load_muse_news(split: str, root=None) -> Dataset:
+    """One MUSE-News file: text corpora -> text; verbmem -> prompt, gt; knowmem -> question, answer.
+
+    Every dataset also has an int column `row` (index within the file)."""
+    if split not in MUSE_SPLITS:
+        extra = f" ({split} is not available offline)" if split in MUSE_MISSING else ""
+        raise ValueError(f"unknown MUSE-News split {split!r}{extra}; valid: {list(MUSE_SPLITS)}")
+    base = data_root(root)
+    if base is None:
+        records, where = _hub_muse(split), f"muse-bench/MUSE-News:{split}"
+    else:
+        folder = base / "muse_news"
+        path = folder / f"{split}.json"
+        if not path.is_file():
+            have = sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.glob("*/*.json")) \
+                if folder.is_dir() else []
+            raise FileNotFoundError(f"MUSE-News split {split!r}: no file {path}; splits available in "
+                                    f"{folder}: {have or 'none'}")
+        records, where = read_records(path), str(path)
+    config = split.split("/")[0]
+    if config in _MUSE_TEXT:
+        texts = [r["text"] if isinstance(r, dict) and "text" in r else r for r in records]
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"{where}: record {bad + 1} (row {bad}) is a {type(texts[bad]).__name__}, "
+                             "expected a text string")
+        return Dataset.from_dict({"text": texts, "row": list(range(len(texts)))})
+    keys = ("prompt", "gt") if config == "verbmem" else ("question", "answer")
+    _check_records(where, records, keys)
+    return Dataset.from_dict({**{k: [r[k] for r in records] for k in keys}, "row": list(range(len(records)))})
+
+
+# ---------------------------------------------------------------- benchmarks
+@dataclasses.dataclass
+class Benchmark:
+    name: str
+    train_full: Dataset | None     # what the target model is fine-tuned on (None: no fine-tuning data)
+    train_retain: Dataset | None   # what the retain reference model is fine-tuned on
+    forget: Dataset                # the forget set unlearning trains on
+    retain: Dataset                # the retain set unlearning uses
+    eval_sets: dict                # name -> Dataset, read by lab.eval
+    config: dict                   # JSON-serialisable; benchmark_from_config(config) rebuilds this
+
+    def __repr__(self):
+        n = lambda d: None if d is None else len(d)  # noqa: E731
+        sets = {k: len(v) for k, v in self.eval_sets.items()}
+        return (f"Benchmark({self.name!r}, train_full={n(self.train_full)}, train_retain={n(self.train_retain)}, "
+                f"forget={len(self.forget)}, retain={len(self.retain)}, eval_sets={sets})")
+
+
+def _root_arg(root):
+    return None if root is None else str(root)
+
+
+def _tofu_utility_sets(root) -> dict:
+    # the *_perturbed files carry perturbed answers (truth ratio, normalised prob)
+    return {"real_authors": load_tofu("real_authors_perturbed", root),
+            "world_facts": load_tofu("world_facts_perturbed", root)}
+
+
+def tofu_benchmark(forget_split: str = "forget10", root=None) -> Benchmark:
+    """The TOFU protocol: fine-tune on full (target) / retainXX (reference), unlearn forgetXX."""
+    if forget_split not in TOFU_FORGET_ROWS:
+        raise ValueError(f"tofu_benchmark: forget_split {forget_split!r}; valid: {list(TOFU_FORGET_ROWS)}")
+    retain = load_tofu(TOFU_RETAIN_FOR[forget_split], root)
+    forget = load_tofu(f"{forget_split}_perturbed", root)
+    eval_sets = {"forget": forget, "retain": load_tofu("retain_perturbed", root), **_tofu_utility_sets(root),
+                 "holdout": load_tofu(TOFU_HOLDOUT_FOR[forget_split], root)}
+    return Benchmark(f"tofu_{forget_split}", load_tofu("full", root), retain, forget, retain, eval_sets,
+                     {"name": f"tofu_{forget_split}", "forget_split": forget_split, "root": _root_arg(root)})
+
+
+def _train_rows(ds: Dataset, source: str) -> Dataset:
+    """QA rows for fine-tuning, in one schema across sources: question, answer, source, row (index in the
+    source file: full.json row for TOFU author rows), author."""
+    rows = ds["full_row"] if "full_row" in ds.column_names else ds["row"]
+    return Dataset.from_dict({"question": list(ds["question"]), "answer": list(ds["answer"]),
+                              "source": [source] * len(ds), "row": list(rows), "author": list(ds["author"])})
+
+
+def _count(name, value, lo, hi, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"tofu_subset: {name}={value!r}; valid: an int in [{lo}, {hi}]"
+                         + (" or None" if allow_none else ""))
+
+
+def tofu_subset(n_retain_authors: int = 8, n_forget_authors: int = 2, extras: bool = True,
+                n_holdout_authors: int | None = None, root=None) -> Benchmark:
+    """Small TOFU benchmark for CPU runs: the FIRST n_retain_authors authors of full are retained (their
+    eval rows come from retain_perturbed = first 20 authors), the LAST n_forget_authors are forgotten
+    (rows of forget10_perturbed = last 20 authors). extras=True adds the real-authors and world-facts QA
+    to both fine-tuning sets: a from-scratch model otherwise knows nothing the utility sets ask about."""
+    max_authors = 20  # retain_perturbed, forget10_perturbed and holdout10 hold 20 authors each
+    if n_forget_authors == 0:
+        raise ValueError("tofu_subset: n_forget_authors=0 gives an empty forget set; valid: 1..20")
+    _count("n_retain_authors", n_retain_authors, 1, max_authors)
+    _count("n_forget_authors", n_forget_authors, 1, max_authors)
+    _count("n_holdout_authors", n_holdout_authors, 1, max_authors, allow_none=True)
+    if not isinstance(extras, bool):
+        raise ValueError(f"tofu_subset: extras={extras!r}; valid: True or False")
+    n_authors = TOFU_FULL_ROWS // AUTHOR_ROWS
+    overlap = set(range(n_retain_authors)) & set(range(n_authors - n_forget_authors, n_authors))
+    if overlap:
+        raise ValueError(f"tofu_subset: retain and forget authors overlap: {sorted(overlap)}")
+    n_r, n_f = n_retain_authors * AUTHOR_ROWS, n_forget_authors * AUTHOR_ROWS
+    n_h = (n_holdout_authors or n_forget_authors) * AUTHOR_ROWS
+    forget10 = load_tofu("forget10_perturbed", root)
+    forget = forget10.select(range(len(forget10) - n_f, len(forget10)))
+    if len(forget) == 0:
+        raise ValueError("tofu_subset: empty forget set")
+    retain = load_tofu("full", root).select(range(n_r))
+    utility = _tofu_utility_sets(root)
+    parts = [_train_rows(retain, "full")]
+    if extras:
+        parts += [_train_rows(load_tofu(s, root), s) for s in ("real_authors", "world_facts")]
+    train_retain = concatenate_datasets(parts)
+    train_full = concatenate_datasets([train_retain, _train_rows(forget, "full")])
+    eval_sets = {"forget": forget, "retain": load_tofu("retain_perturbed", root).select(range(n_r)),
+                 **utility, "holdout": load_tofu("holdout10", root).select(range(n_h))}
+    config = {"name": "tofu_subset", "n_retain_authors": n_retain_authors, "n_forget_authors": n_forget_authors,
+              "extras": extras, "n_holdout_authors": n_holdout_authors, "root": _root_arg(root)}
+    return Benchmark("tofu_subset", train_full, train_retain, forget, retain, eval_sets, config)
+
+
+def muse_news_benchmark(retain: str = MUSE_RETAIN_STANDIN, root=None) -> Benchmark:
+    """MUSE-News: unlearn the raw forget corpus (text). No fine-tuning data (the target is a given model).
+
+    The raw retain corpus is not available offline: `retain` names the stand-in the retain loss uses."""
+    if retain not in MUSE_RETAIN_CHOICES:
+        raise ValueError(f"muse_news_benchmark: retain={retain!r}; valid stand-ins: {list(MUSE_RETAIN_CHOICES)} "
+                         f"(not available offline: {list(MUSE_MISSING)})")
+    names = {"verbmem": "verbmem/forget", "knowmem_forget": "knowmem/forget_qa",
+             "knowmem_retain": "knowmem/retain2_qa", "knowmem_forget_icl": "knowmem/forget_qa_icl",
+             "knowmem_retain_icl": "knowmem/retain2_qa_icl", "privleak_forget": "privleak/forget",
+             "privleak_holdout": "privleak/holdout", "privleak_retain": "privleak/retain2"}
+    eval_sets = {k: load_muse_news(v, root) for k, v in names.items()}
+    config = {"name": "muse_news", "retain_standin": retain, "root": _root_arg(root),
+              "note": f"raw retain corpus unavailable offline; retain loss uses {retain} as a stand-in"}
+    return Benchmark("muse_news", None, None, load_muse_news("raw/forget", root), load_muse_news(retain, root),
+                     eval_sets, config)
+
+
+BENCHMARKS = {
+    **{f"tofu_{s}": functools.partial(tofu_benchmark, forget_split=s) for s in TOFU_FORGET_ROWS},
+    "tofu_subset": tofu_subset,
+    "muse_news": muse_news_benchmark,
+}
+
+
+def get_benchmark(name: str, **kwargs) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; valid: {list(BENCHMARKS)}")
+    builder = BENCHMARKS[name]
+    valid = list(inspect.signature(builder).parameters)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"benchmark {name!r}: unknown options {unknown}; valid: {valid}")
+    bench = builder(**kwargs)
+    if bench.name != name:
+        raise ValueError(f"benchmark {name!r}: options {kwargs} build {bench.name!r}; ask for that name instead")
+    return bench
+
+
+_CONFIG_INFO = ("name", "note")           # recorded for readers, not builder arguments
+_CONFIG_ALIASES = {"retain_standin": "retain"}
+
+
+def benchmark_from_config(config: dict) -> Benchmark:
+    """Rebuild a benchmark from its `Benchmark.config`."""
+    if not isinstance(config, dict) or "name" not in config:
+        raise ValueError(f"benchmark config must be a dict with a 'name' key; got {config!r}")
+    kwargs = {_CONFIG_ALIASES.get(k, k): v for k, v in config.items() if k not in _CONFIG_INFO}
+    return get_benchmark(config["name"], **kwargs)
+
+
+# ---------------------------------------------------------------- QA formatting and encoding
+def _chat_template(tokenizer):
+    return getattr(tokenizer, "chat_template", None)
+
+
+def format_question(tokenizer, question: str) -> str:
+    """The prompt for a question: the tokenizer's chat template if it has one, else a plain QA prompt."""
+    if _chat_template(tokenizer):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"Question: {question}\nAnswer:"
+
+
+def answer_text(tokenizer, answer: str) -> str:
+    """The target string for an answer: after a plain "Answer:" prompt it starts with one space."""
+    if _chat_template(tokenizer) or not answer or answer[0].isspace():
+        return answer
+    return " " + answer
+
+
+def _pad_id(tokenizer) -> int:
+    # no pad token: pad with eos (positions are masked); the caller's tokenizer is left unchanged
+    for i in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if i is not None:
+            return i
+    return 0
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return with_special[:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def _prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    ids = _tokenize(tokenizer, prompts)
+    if _adds_bos(tokenizer):  # one BOS, not a second one after a chat template's own
+        bos = tokenizer.bos_token_id
+        ids = [x if x[:1] == [bos] else [bos] + x for x in ids]
+    return ids
+
+
+def _prompt_body(tokenizer, prompt: str) -> str:
+    bos = tokenizer.bos_token
+    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+
+def _stack(seqs, pad, left=False) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    rows = [[pad] * (width - len(s)) + s if left else s + [pad] * (width - len(s)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(seqs), width)
+
+
+def encode_pairs(tokenizer, prompts, targets, max_length: int = 512, add_eos: bool = True) -> dict:
+    """Right-padded prompt+target batch: input_ids, attention_mask, labels (-100 on prompt and padding).
+
+    Targets are raw answers (passed through answer_text) or whole texts with an empty prompt. Sequences
+    longer than max_length are cut from the right, keeping at least one target token where possible."""
+    prompts, targets = list(prompts), list(targets)
+    if len(prompts) != len(targets):
+        raise ValueError(f"encode_pairs: {len(prompts)} prompts but {len(targets)} targets")
+    if max_length < 1:
+        raise ValueError(f"encode_pairs: max_length={max_length}; valid: >= 1")
+    targets = [answer_text(tokenizer, t) if (b := _prompt_body(tokenizer, p)) and not b[-1].isspace() else t
+               for p, t in zip(prompts, targets)]
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    seqs, labels = [], []
+    for p, t in zip(_prompt_ids(tokenizer, prompts), _tokenize(tokenizer, targets)):
+        t = t + eos
+        n_t = min(len(t), max(max_length - len(p), 1))
+        p, t = p[:max_length - n_t], t[:n_t]
+        seqs.append(p + t)
+        labels.append([-100] * len(p) + t)
+    input_ids = _stack(seqs, _pad_id(tokenizer))
+    return {"input_ids": input_ids, "attention_mask": _stack([[1] * len(s) for s in seqs], 0),
+            "labels": _stack(labels, -100)}
+
+
+def encode_prompts(tokenizer, prompts, max_length: int = 512) -> dict:
+    """Left-padded prompt batch for generation: input_ids, attention_mask. Prompts longer than max_length
+    keep their last tokens (generation continues from the end), after the BOS if there is one."""
+    if max_length < 1:
+        raise ValueError(f"encode_prompts: max_length={max_length}; valid: >= 1")
+    seqs = []
+    for x in _prompt_ids(tokenizer, list(prompts)):
+        if len(x) > max_length:
+            bos = x[:1] if x[:1] == [tokenizer.bos_token_id] and max_length > 1 else []
+            x = bos + x[len(x) - (max_length - len(bos)):]
+        seqs.append(x)
+    return {"input_ids": _stack(seqs, _pad_id(tokenizer), left=True),
+            "attention_mask": _stack([[1] * len(s) for s in seqs], 0, left=True)}
+
+
+def _order(n: int, shuffle: bool, seed: int) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _need(dataset, columns, who):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{who}: dataset lacks columns {missing}; it has {dataset.column_names}")
+
+
+def qa_batches(tokenizer, dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+               max_length: int = 512, answer_key: str = "answer"):
+    """encode_pairs batches over a QA dataset (question + answer_key columns); order fixed by seed."""
+    _need(dataset, ["question", answer_key], "qa_batches")
+    if batch_size < 1:
+        raise ValueError(f"qa_batches: batch_size={batch_size}; valid: >= 1")
+    prompts = [format_question(tokenizer, q) for q in dataset["question"]]
+    answers = list(dataset[answer_key])
+    order = _order(len(prompts), shuffle, seed)
+
+    def batches():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield encode_pairs(tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx],
+                               max_length=max_length)
+    return batches()
+
+
+def text_batches(tokenizer, dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 max_length: int = 512):
+    """Batches over a text corpus (column `text`, e.g. MUSE raw/forget): every text token is a target."""
+    _need(dataset, ["text"], "text_batches")
+    if batch_size < 1:
+        raise ValueError(f"text_batches: batch_size={batch_size}; valid: >= 1")
+    texts = list(dataset["text"])
+    order = _order(len(texts), shuffle, seed)
+
+    def batches():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield encode_pairs(tokenizer, [""] * len(idx), [texts[i] for i in idx], max_length=max_length,
+                               add_eos=False)
+    return batches()
