@@ -265,6 +265,19 @@ class Diverged(Exception):
     pass
 
 
+@dataclasses.dataclass
+class StepHooks:
+    """Extension points of the one loop (used by ALKN's gradient sparsity and parameter modulation).
+
+    on_direction(step, params, g_f, g_r, d) -> d   after combine + clip, before the optimizer: may
+        read the gradients (e.g. update a mask score from G_u) and return a modified direction.
+    on_update(step, params, before)                 after optimizer.step(), with the pre-step
+        weights: may rewrite the realised update in place (mask it, scale it per element).
+    """
+    on_direction: object = None
+    on_update: object = None
+
+
 def make_context(model, method: Method, args, forget, tokenizer, cfg: UnlearnConfig, idk_answers):
     """Objective context for a run/task: frozen theta_0 copy and reference log-probs where needed."""
     needs = {n for t in (*method.forget, *method.retain) for n in get_objective(t.objective).needs}
@@ -276,27 +289,38 @@ def make_context(model, method: Method, args, forget, tokenizer, cfg: UnlearnCon
         g = torch.Generator().manual_seed(cfg.seed)
         u = torch.rand(model.config.hidden_size, generator=g)
         ctx.rmu_direction = u / u.norm()      # fixed random unit vector (WMDP RMU)
-    if "ref_logprob" in needs:  # sequence log-probs at theta_0 never change: compute them once
-        ctx.ref_logprob = _reference_logprobs(model, tokenizer, forget, cfg, idk_answers, autocast_dtype)
+    if needs & {"ref_logprob", "ref_token_logprob"}:  # log-probs at theta_0 never change: compute once
+        ctx.ref_logprob = _reference_logprobs(model, tokenizer, forget, cfg, idk_answers, autocast_dtype,
+                                              tokens="ref_token_logprob" in needs)
     return ctx
 
 
 @torch.no_grad()
-def _reference_logprobs(model, tokenizer, forget, cfg, idk_answers, autocast_dtype):
+def _reference_logprobs(model, tokenizer, forget, cfg, idk_answers, autocast_dtype, tokens=False):
+    """Log-probs at the starting weights, per forget row: sequence sums ("answer", "idk") and, with
+    tokens=True, the per-token values ("answer_tokens": a [rows, max target tokens] tensor, 0-padded,
+    aligned with the order of labelled positions) for objectives such as ALKN's ESL."""
+    from lab.objectives import answer_token_logprobs, _forward
     was = model.training
     model.eval()
-    out = {"answer": [], "idk": []}
+    out = {"answer": [], "idk": [], "answer_tokens": []}
     device = next(model.parameters()).device
     for start in range(0, len(forget), cfg.eval_batch_size):
         rows = range(start, min(start + cfg.eval_batch_size, len(forget)))
         batch = _to(encode_rows(tokenizer, forget, rows, max_length=cfg.max_length,
                                 idk_answers=idk_answers), device)
         with _autocast(device, autocast_dtype):
-            out["answer"].append(sequence_logprob(model, batch).float().cpu())
+            logp, mask = answer_token_logprobs(_forward(model, batch).logits, batch["labels"])
+            out["answer"].append(logp.sum(1).float().cpu())
+            if tokens:
+                out["answer_tokens"] += [lp[m].float().cpu() for lp, m in zip(logp, mask)]
             if "idk" in batch:
                 out["idk"].append(sequence_logprob(model, batch["idk"]).float().cpu())
     model.train(was)
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    result = {k: torch.cat(v) for k, v in out.items() if v and k != "answer_tokens"}
+    if tokens:
+        result["answer_tokens"] = torch.nn.utils.rnn.pad_sequence(out["answer_tokens"], batch_first=True)
+    return result
 
 
 def trainable_parameters(model, method: Method, args) -> list[torch.nn.Parameter]:
@@ -312,7 +336,8 @@ def trainable_parameters(model, method: Method, args) -> list[torch.nn.Parameter
 
 def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict, cfg: UnlearnConfig, *,
                     run=None, task=None, idk_answers=None, evaluate_fn=None, group=None,
-                    progress=True, state: LoopState | None = None) -> LoopState:
+                    progress=True, state: LoopState | None = None, hooks: StepHooks | None = None,
+                    context: ObjectiveContext | None = None) -> LoopState:
     """Run cfg.epochs passes over `forget` (or cfg.max_steps steps) with `method`. Writes trace rows
     to `run` (if given) and calls evaluate_fn(step, epoch) every cfg.eval_every steps."""
     if len(forget) == 0:
@@ -325,7 +350,7 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
     state = state or LoopState()
     model.train()
     params = trainable_parameters(model, method, args)
-    ctx = make_context(model, method, args, forget, tokenizer, cfg, idk_answers)
+    ctx = context or make_context(model, method, args, forget, tokenizer, cfg, idk_answers)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None])
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -365,7 +390,7 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
                 micro.append(_to(_shard(item, rank, world), device))
             lr_now = autolr_lr if autolr_lr is not None else lr_at(step_in_run)
             row = _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr_now,
-                        rlw_gen=rlw_gen, group=group, autolr_due=method.autolr and
+                        rlw_gen=rlw_gen, group=group, hooks=hooks, autolr_due=method.autolr and
                         step_in_run % args.get("autolr_every", 10) == 0)
             if "autolr_lr" in row:
                 autolr_lr = row["autolr_lr"]
@@ -387,7 +412,7 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
 
 
 def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *, rlw_gen, group,
-          autolr_due) -> dict:
+          autolr_due, hooks=None) -> dict:
     diag = cfg.diagnostics > 0 and state.step % cfg.diagnostics == 0
     separate = method.separate_gradients or (diag and bool(method.retain))
     scalars: dict[str, torch.Tensor] = {}
@@ -415,6 +440,8 @@ def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *,
     if cfg.max_grad_norm is not None:
         d, clip_info = geometry.clip_to_norm(d, cfg.max_grad_norm)
         scalars.update(clip_info)
+    if hooks is not None and hooks.on_direction is not None:
+        d = hooks.on_direction(state.step, params, g_f if g_f is not None else d, g_r, d)
     scalars["norm_d"] = geometry.norm(d)
     term_losses = torch.cat([losses_f, losses_r])
     # the one host sync of the step: losses and the direction's norm must be finite to go on
@@ -437,13 +464,17 @@ def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *,
         lr = row["autolr_lr"]
     for group_ in optimizer.param_groups:
         group_["lr"] = lr
-    before = [p.detach().clone() for p in params] if diag and g_f is not None else None
+    want_update = hooks is not None and hooks.on_update is not None
+    before = ([p.detach().clone() for p in params] if (diag and g_f is not None) or want_update else None)
     for p, g in zip(params, d):
         p.grad = g
     optimizer.step()
     for p in params:
         p.grad = None
-    if before is not None:  # realised update after Adam: cos(-delta theta, g) (METHODS §7)
+    if want_update:
+        with torch.no_grad():
+            hooks.on_update(state.step, params, before)
+    if before is not None and diag and g_f is not None:  # realised update after Adam: cos(-delta theta, g) (METHODS §7)
         descent = torch._foreach_sub(before, [p.detach() for p in params])
         scalars["cos_update_f"] = geometry.cos(descent, g_f)
         if g_r:

@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests run offline (HF_HUB_OFFLINE=1) against ../shared/data.
+
+LAB_CACHE defaults to <repo>/.cache/lab: entries there are content-hashed (tokenizer, converted
+SmolLM2, prepared target/retain models), so test workers and later runs (and `make demo`) reuse
+them safely; `lab.prepare` holds a file lock so two xdist workers never train the same models twice.
+"""
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LAB_CACHE", str(REPO / ".cache" / "lab"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    path = pathlib.Path(os.environ.get("LAB_DATA", REPO.parent / "shared" / "data"))
+    if not (path / "tofu" / "full.json").exists():
+        pytest.skip(f"OFFLINE BENCHMARK DATA MISSING at {path}: these tests need ../shared/data "
+                    "(or $LAB_DATA) - this is a set-up problem, not a pass")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory):
+    """The embedded default: tiny target + retain models on tofu_subset (the same cache entry as
+    `make demo`). First call trains both (a few minutes on 2 cores); later calls load the cache."""
+    from lab.prepare import prepare
+    return prepare(model="tiny", benchmark="tofu_subset", verbose=False,
+                   runs_root=tmp_path_factory.mktemp("prepare-runs"))
