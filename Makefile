@@ -4,6 +4,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup test test-fast demo dashboard reports clean
 

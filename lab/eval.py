@@ -107,7 +107,8 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
     })
     rows["prob"] = np.exp(-rows["loss"])
     rows["min_k"] = [metrics.min_k_percent(t.numpy(), opts["mia_k"]) for t in ans_lp]
-    rows["zlib"] = [metrics.zlib_score(-float(t.sum()), a) for t, a in zip(ans_lp, answers)]
+    # open-unlearning's zlib attack: mean answer NLL / compressed answer length (checked on its logs)
+    rows["zlib"] = [metrics.zlib_score(l, a) for l, a in zip(rows["loss"], answers)]
 
     if "perturbed_answer" in ds.column_names:
         # truth ratio: paraphrased answer (or the answer itself where no paraphrase exists, as for

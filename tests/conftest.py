@@ -13,6 +13,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LAB_CACHE", str(REPO / ".cache" / "lab"))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see lab/__init__.py
 
 
 @pytest.fixture(scope="session")
