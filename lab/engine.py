@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lab import geometry, runs
-from lab.methods import Method, combine, get_method
+from lab.methods import Method, Term, combine, get_method
 from lab.objectives import ObjectiveContext, get_objective, sequence_logprob
 
 # Unlearning lr per model when the config leaves it out: the papers use 1e-5 (7B, Phi-1.5); a small
@@ -261,6 +261,10 @@ class LoopState:
     trace: list = dataclasses.field(default_factory=list)
 
 
+# retain NLL measured on diagnostic steps of forget-only methods (for cos(g_f, g_r), A_r); not in d
+DIAGNOSTIC_RETAIN = (Term("ce", "retain"),)
+
+
 class Diverged(Exception):
     pass
 
@@ -364,7 +368,7 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
         decay = max(0.0, 1 - step / total) if cfg.schedule == "linear" else 1.0
         return lr * warm * decay
 
-    sampler = Sampler(len(forget), len(retain) if method.retain else 0, cfg.batch_size,
+    sampler = Sampler(len(forget), len(retain) if (method.retain or cfg.diagnostics) else 0, cfg.batch_size,
                       cfg.retain_batch_size or cfg.batch_size, cfg.seed)
     mb = cfg.micro_batch_size or cfg.batch_size
     need_idk = any("idk" in get_objective(t.objective).needs for t in method.forget)
@@ -414,16 +418,24 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
 def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *, rlw_gen, group,
           autolr_due, hooks=None) -> dict:
     diag = cfg.diagnostics > 0 and state.step % cfg.diagnostics == 0
-    separate = method.separate_gradients or (diag and bool(method.retain))
     scalars: dict[str, torch.Tensor] = {}
     terms_f, terms_r = method.forget, method.retain
+    # forget-only methods (GA, NPO, ...) still get the geometry on diagnostic steps: a retain NLL
+    # gradient measured beside them (it does not enter d)
+    probe_retain = not terms_r and diag and "retain" in micro[0]
+    if probe_retain:
+        terms_r = DIAGNOSTIC_RETAIN
+    separate = method.separate_gradients or (diag and bool(terms_r))
     if separate:
         g_f, losses_f = accumulate(model, params, terms_f, micro, ctx, args, group=group)
         g_r, losses_r = (accumulate(model, params, terms_r, micro, ctx, args, group=group)
                          if terms_r else ([], torch.zeros(0, device=params[0].device)))
         loss_f, loss_r = _group_loss(losses_f, terms_f, args), _group_loss(losses_r, terms_r, args)
-        d, info = combine(method, args, g_f, g_r, {"loss_f": loss_f, "loss_r": loss_r},
-                          state.combiner_state, generator=rlw_gen)
+        if probe_retain:
+            d, info = g_f, {}
+        else:
+            d, info = combine(method, args, g_f, g_r, {"loss_f": loss_f, "loss_r": loss_r},
+                              state.combiner_state, generator=rlw_gen)
         if diag:
             if g_r:
                 scalars.update(geometry.alignment(g_f, g_r, d))
