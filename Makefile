@@ -26,8 +26,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
+# the main job: prepare the embedded models, run the embedded suite (notebooks, demo profile), write the
+# HTML reports, then serve the dashboard on localhost
 demo: $(STAMP)
 	$(PY) -m lab demo
+
+# execute every notebook into reports/<name>-<profile>.ipynb + .html (PROFILE=cpu|demo|smoke|gpu)
+PROFILE ?= cpu
+reports: $(STAMP)
+	$(PY) -m lab report --all --profile $(PROFILE)
+
+dashboard: $(STAMP)
+	$(PY) -m streamlit run dashboard/app.py
 
 clean:
 	rm -rf .venv runs reports .pytest_cache
