@@ -4,8 +4,10 @@
     lab eval --model tiny --prepared target              # evaluate a prepared model (or any model path)
     lab unlearn --method npo_gd --epochs 5               # unlearn the prepared target, evaluate, write a run
     lab methods                                          # every method: objectives, combiner, defaults
+    lab continual --method alkn --n-tasks 3              # continual unlearning, evaluated after every task
     lab runs                                             # list run directories under ./runs
     lab runs show RUN                                    # one run: config, summary, evaluations
+    lab report alkn_continual --profile demo             # execute a notebook into reports/*.ipynb + .html
     lab demo                                             # the embedded default end to end
 """
 from __future__ import annotations
@@ -81,7 +83,11 @@ def cmd_runs(args) -> None:
     print("config:", json.dumps(rec.config, indent=2, default=str))
     if not rec.trace.empty:
         print(f"trace: {len(rec.trace)} rows, columns: {', '.join(rec.trace.columns)}")
-    if not rec.evals.empty:
+    if not rec.evals.empty and rec.config.get("kind") == "continual":  # per-task table (lab.continual)
+        from lab.continual import task_table
+        with pd.option_context("display.width", 250, "display.max_columns", 60):
+            print(task_table(rec.evals).to_string(float_format=lambda x: f"{x:.4g}"))
+    elif not rec.evals.empty:
         with pd.option_context("display.width", 200, "display.max_columns", 40):
             print(rec.evals.set_index([c for c in ("checkpoint", "task", "step") if c in rec.evals]).T
                   .to_string(float_format=lambda x: f"{x:.4g}"))
@@ -116,6 +122,40 @@ def cmd_unlearn(args) -> None:
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
 
 
+def cmd_continual(args) -> None:
+    from lab.continual import ContinualConfig, continual
+    if args.resume:
+        result = continual(resume=args.resume)
+    else:
+        cfg = {}
+        if args.config:
+            import yaml
+            with open(args.config) as f:
+                cfg = yaml.safe_load(f) or {}
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{args.config}: expected a mapping of ContinualConfig fields")
+        for key in ("method", "protocol", "model", "benchmark", "seed", "lr", "lr_decay", "epochs", "max_steps",
+                    "batch_size", "n_tasks", "task_unit", "eval_limit"):
+            value = getattr(args, key)
+            if value is not None:
+                cfg[key] = value
+        cfg["runs_root"] = args.runs
+        if args.bench_opt:
+            cfg["benchmark_kwargs"] = {**cfg.get("benchmark_kwargs", {}), **_kv(args.bench_opt)}
+        if args.arg:
+            cfg["method_args"] = {**cfg.get("method_args", {}), **_kv(args.arg)}
+        cfg.update(_kv(args.set))
+        fields = {f.name for f in __import__("dataclasses").fields(ContinualConfig)}
+        unknown = set(cfg) - fields
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(fields)}")
+        result = continual(cfg)
+    import pandas as pd
+    print(f"run: {result.run_dir}")
+    with pd.option_context("display.width", 250, "display.max_columns", 60):
+        print(result.table.to_string(float_format=lambda x: f"{x:.4g}"))
+
+
 def cmd_methods(args) -> None:
     import pandas as pd
     from lab.methods import list_methods
@@ -123,10 +163,58 @@ def cmd_methods(args) -> None:
         print(list_methods().to_string(index=False))
 
 
+def _print_report_table(rows) -> None:
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    with pd.option_context("display.width", 250, "display.max_colwidth", 90):
+        print(df[[c for c in ("notebook", "status", "seconds", "report", "error") if c in df]].to_string(index=False))
+
+
+def cmd_report(args) -> None:
+    from lab.report import list_notebooks, run_notebooks
+    if bool(args.name) == bool(args.all):
+        raise SystemExit(f"lab report: name one notebook or pass --all; notebooks: {', '.join(list_notebooks())}")
+    rows = run_notebooks(None if args.all else [args.name], args.profile, out=args.out, params=_kv(args.param),
+                         runs_root=args.runs)
+    _print_report_table(rows)
+    if any(r["status"] != "ok" for r in rows):
+        raise SystemExit(1)
+
+
 def cmd_demo(args) -> None:
+    """prepare (cached) -> every notebook with the demo profile -> summary -> dashboard."""
+    import subprocess
+    import time
     from lab.prepare import prepare
-    print("lab demo: preparing the tiny target and retain models on the embedded TOFU subset")
+    from lab.report import REPO, run_notebooks
+    t0 = time.time()
+    print("lab demo: preparing the tiny target and retain models on the embedded TOFU subset", flush=True)
     prepare(model="tiny", benchmark="tofu_subset", runs_root=args.runs)
+    prep_s = time.time() - t0
+    print(f"lab demo: prepare took {prep_s:.0f} s; running every notebook with the demo profile", flush=True)
+    rows = run_notebooks(None, "demo", out=args.out, runs_root=args.runs)
+    rows.insert(0, {"notebook": "(prepare tiny/tofu_subset)", "status": "ok", "seconds": round(prep_s, 1),
+                    "report": "(cached under $LAB_CACHE/prepared)"})
+    print()
+    _print_report_table(rows)
+    print(f"total wall time: {time.time() - t0:.0f} s  (runs in {os.path.abspath(args.runs)}/)", flush=True)
+    failed = [r["notebook"] for r in rows if r["status"] != "ok"]
+    if failed:
+        raise SystemExit(f"lab demo: notebooks failed: {', '.join(failed)} (see the .failed.ipynb files)")
+    if args.no_dashboard:
+        return
+    app = REPO / "dashboard" / "app.py"
+    if not app.is_file():
+        print(f"lab demo: no dashboard at {app} - nothing to serve; the reports above are the results")
+        return
+    url = f"http://localhost:{args.port}"
+    print(f"lab demo: dashboard at {url}  (Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+           "--server.port", str(args.port), "--", "--runs", os.path.abspath(args.runs)]
+    try:
+        subprocess.run(cmd, check=False)
+    except KeyboardInterrupt:
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +271,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", nargs="*", metavar="K=V", help="any other UnlearnConfig field")
     sp.set_defaults(func=cmd_unlearn)
 
+    sp = sub.add_parser("continual", help="continual unlearning: a sequence of forget tasks, evaluated after each",
+                        description="Unlearn the tasks of --benchmark one after another (--protocol sequential), "
+                                    "each from the start (independent) or their growing union (joint) with an "
+                                    "engine method (see `lab methods`) or tv / tru / alkn / alkn_wo_esl / "
+                                    "alkn_wo_dgs / alkn_wo_apm; every task's forget set and utility are "
+                                    "evaluated after each task. Options: --config YAML (ContinualConfig "
+                                    "fields), then the flags, then --set K=V. --resume RUN continues an "
+                                    "interrupted run from its last finished task.")
+    sp.add_argument("--method", help="alkn (default), alkn_wo_esl|dgs|apm, tv, tru, or an engine method (npo_rt, ...)")
+    sp.add_argument("--protocol", choices=["sequential", "independent", "joint"])
+    sp.add_argument("--model", help="preset (tiny, smollm2-135m), local path or hub name (default tiny)")
+    sp.add_argument("--benchmark", help="tofu_subset (default), tofu_forget10 (5 tasks of 4 authors), muse_news")
+    sp.add_argument("--bench-opt", nargs="*", metavar="K=V", help="e.g. n_forget_authors=5")
+    sp.add_argument("--n-tasks", type=int)
+    sp.add_argument("--task-unit", choices=["author", "rows"])
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--runs", default="runs")
+    sp.add_argument("--config", help="YAML file of ContinualConfig fields")
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--lr-decay", type=float, help="lr factor after each task (default 0.5 baselines, 1 ALKN)")
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--max-steps", type=int, help="steps per task")
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--eval-limit", type=int, help="rows per eval set and per task")
+    sp.add_argument("--arg", nargs="*", metavar="K=V", help="method options, e.g. lam=0.8 mask_alignment=oppose")
+    sp.add_argument("--set", nargs="*", metavar="K=V", help="any other ContinualConfig field")
+    sp.add_argument("--resume", metavar="RUN", help="run directory of an interrupted continual run")
+    sp.set_defaults(func=cmd_continual)
+
     sp = sub.add_parser("bench", help="engine benchmark: step time / memory of each method vs the floor",
                         add_help=False)
     sp.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -197,8 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", default="runs", help="run directory root (default: runs/)")
     sp.set_defaults(func=cmd_runs)
 
-    sp = sub.add_parser("demo", help="the embedded default end to end (tiny model, TOFU subset)")
-    sp.add_argument("--runs", default="runs")
+    sp = sub.add_parser("report", help="execute notebooks with a parameter profile into HTML reports",
+                        description="Execute a notebook (or --all) under papermill with a parameter profile: "
+                                    "cpu = the notebook's own defaults, smoke / demo / gpu = "
+                                    "notebooks/params/<profile>/<name>.yaml; writes <out>/<name>-<profile>.ipynb "
+                                    "and .html (a failing notebook is kept as .failed.ipynb).")
+    sp.add_argument("name", nargs="?", help="notebook name, e.g. alkn_continual (see notebooks/)")
+    sp.add_argument("--all", action="store_true", help="every notebook in notebooks/")
+    sp.add_argument("--profile", default="cpu", help="cpu (default), smoke, demo or gpu")
+    sp.add_argument("--out", default="reports", help="report directory (default: reports/)")
+    sp.add_argument("--runs", help="runs_root for the notebooks' run directories (default: the profile's)")
+    sp.add_argument("-p", "--param", nargs="*", metavar="K=V", help="parameter overrides, e.g. eval_limit=4")
+    sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("demo", help="the embedded default end to end: prepare, every notebook (demo profile), "
+                                     "HTML reports, then the dashboard")
+    sp.add_argument("--runs", default="runs", help="run directory root (default: runs/)")
+    sp.add_argument("--out", default="reports", help="report directory (default: reports/)")
+    sp.add_argument("--port", type=int, default=8501, help="dashboard port (default 8501)")
+    sp.add_argument("--no-dashboard", action="store_true", help="stop after the reports")
     sp.set_defaults(func=cmd_demo)
     return p
 

@@ -116,6 +116,14 @@ _add(Method("blur_rmu", (Term("rmu"),), (Term("rmu_retain", RETAIN, "rmu_alpha")
             {**RMU_ARGS, "gamma": 0.00125}, "BLUR-RMU (BLUR eq. 14 + eq. 20; gamma as BLUR Table 7)",
             trainable="rmu"))
 
+# ---------------------------------------------------------------- fine-tuning ON the forget set (task vectors)
+# Building blocks of model arithmetic (lab.taskvec, lab.alkn, lab.continual): these LEARN the forget set;
+# the task vector theta_ft - theta is then subtracted. Run through `lab continual --method tv|alkn`.
+_add(Method("finetune_forget", (Term("ce"),), (),
+            source="task-vector fine-tuning: NLL on forget, minimised (METHODS §4; TV, TRU)"))
+_add(Method("finetune_esl", (Term("esl"),), (), defaults={"esl_s": 10.0, "esl_form": "paper", "esl_k": 1.5},
+            source="ALKN task-vector fine-tuning with entropic soft labels (ALKN eq. 6)"))
+
 ENGINE_ARGS = ("autolr_every", "autolr_max_factor")
 
 

@@ -142,6 +142,13 @@ def rmu_retain(model, batch, ctx):
     return ((h - h_ref).pow(2).mean(-1) * batch["attention_mask"]).sum()
 
 
+# ---------------------------------------------------------------- ALKN (ALKN eq. 6)
+def esl(model, batch, ctx):
+    """Entropic soft-label fine-tuning loss: sum of -w * log p over answer tokens (lab.alkn.esl_loss)."""
+    from lab.alkn import esl_loss
+    return esl_loss(model, batch, ctx)
+
+
 # ---------------------------------------------------------------- registry
 def _tokens(batch):
     return (batch["labels"][:, 1:] != -100).sum()
@@ -178,6 +185,7 @@ OBJECTIVES: dict[str, Objective] = {
     "rmu": Objective(rmu_forget, _positions, ("rmu",)),          # forget side of RMU
     "rmu_forget": Objective(rmu_forget, _positions, ("rmu",)),
     "rmu_retain": Objective(rmu_retain, _positions, ("ref_model",)),
+    "esl": Objective(esl, _tokens, ("ref_token_logprob",)),   # ALKN; p0 per token at the task's start
 }
 
 

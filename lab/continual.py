@@ -1,0 +1,544 @@
+"""Continual unlearning (ALKN; METHODS §5): a sequence of forget tasks, evaluated after every task.
+
+    from lab.continual import continual
+    res = continual(method="alkn", protocol="sequential", benchmark="tofu_subset",
+                    benchmark_kwargs={"n_forget_authors": 5}, epochs=2, eval_limit=8)
+    res.table                      # per-task table: MU and every task's F-Rouge / F-Prob / FQ after each task
+    continual(resume=res.run_dir)  # an interrupted run goes on from its last finished task
+
+Protocols: `sequential` (task t starts from theta^{t-1} and sees only D_u^t + the retain set),
+`independent` (every task from theta_0), `joint` (task t unlearns D_u^1 u ... u D_u^t from theta_0).
+Methods: any engine method (lab.methods: ga_rt, npo_gd, npo_kl, gru_*, blur_*, ngdiff, ...), the
+model-arithmetic methods `tv` and ALKN (`alkn`, `alkn_wo_esl`, `alkn_wo_dgs`, `alkn_wo_apm`; lab.alkn)
+and `tru` (lab.taskvec). Baselines (everything but ALKN) halve the lr after each sequential task
+(ALKN App. E.1; `lr_decay`). ALKN's union mask M carries over tasks in the sequential protocol only.
+
+Benchmarks and tasks: tofu_forget10 -> 5 tasks of 4 whole authors (lab.data.tofu_continual_tasks);
+tofu_subset -> its forget authors in whole-author tasks (n_tasks; `task_unit: rows` cuts equal row
+blocks instead); muse_news -> sust/forget_1..4. The prepared target (lab.prepare) was trained on every
+task's forget data and the retain model on the retain set only, so FQ per task is against that model.
+
+Run directory (lab.runs), besides config.yaml / trace.parquet / summary.json:
+  eval.jsonl  checkpoint "initial" (task -1) and "unlearned" after each task t (task = t):
+              - one utility record (eval_task None): model utility and its parts / MUSE metrics, T-Rouge
+                (`trouge`, `model_utility_trouge` when configured), lr, seconds, and the task's diagnostics:
+                active_fraction (ALKN final mask), mask_jaccard_prev (vs the union of earlier masks),
+                tv_moved_fraction (fraction of parameters the task changed = realised task-vector density),
+                update_norm ||theta^t - theta^{t-1}||, predicted_retain_change G_r . (theta^t - theta^{t-1})
+                (G_r = retain NLL gradient at theta^{t-1}; first-order change of the retain loss);
+              - one record per task k (eval_task k): forget_prob, forget_rouge, forget_truth_ratio,
+                forget_quality (KS vs the retain model on the same rows), mia_{loss,min_k,zlib}_auc,
+                privleak (TOFU); forget_prob, forget_min_k, mia_min_k_auc (MUSE).
+              Cascading degradation (ALKN fig. 2a): forget_prob of eval_task k at "initial" vs at task k-1.
+  trace.parquet   engine trace rows of every task's loop (column task; ALKN adds active_fraction, dgs_*)
+  masks.parquet   Jaccard overlap of task masks (lab.masks.overlap_table; ALKN only)
+  masks/task_<t>.npz, mask_counts.parquet   per-task masks as packed bits, per-tensor counts
+  checkpoint/     state.json (+ params.pt, union_mask.npz in the sequential protocol): resume point
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lab import alkn, geometry, masks, runs, taskvec
+from lab.engine import DEFAULT_LR, Diverged, LoopState, UnlearnConfig, load_starting_point, unlearning_loop
+from lab.methods import get_method
+
+PROTOCOLS = ("sequential", "independent", "joint")
+TASK_UNITS = ("author", "rows")
+TRU_DEFAULTS = {"n_batches": 4, "stg": 0.75}
+TIME_KEYS = ("seconds", "task_seconds", "eval_seconds")   # wall-clock values (differ between reruns)
+
+
+@dataclasses.dataclass
+class ContinualConfig(UnlearnConfig):
+    """UnlearnConfig (per-task loop settings) plus the continual protocol. Saved to config.yaml."""
+    method: str = "alkn"
+    protocol: str = "sequential"        # sequential | independent | joint
+    n_tasks: int | None = None          # None: 5 (tofu_forgetXX), all forget authors up to 5 per task count
+    task_unit: str = "author"           # TOFU: whole authors per task, or "rows" (equal row blocks)
+    lr_decay: float | None = None       # lr *= lr_decay after each sequential task; None: 0.5 baselines, 1 ALKN
+    task_diagnostics: bool = True       # G_r per task for predicted_retain_change (ALKN computes it anyway)
+    trouge: dict | None = None          # lab.alkn.build_trouge_corpus options: adds T-Rouge and MU with it
+    checkpoint: bool = True             # keep <run>/checkpoint after each task (resume)
+    eval_max_new_tokens: int | None = None   # TOFU generation length (None: 200, METHODS §6); smoke tests
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={self.protocol!r}; valid: {list(PROTOCOLS)}")
+        if self.task_unit not in TASK_UNITS:
+            raise ValueError(f"task_unit={self.task_unit!r}; valid: {list(TASK_UNITS)}")
+        if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay={self.lr_decay}; valid: (0, 1] or None")
+        if self.n_tasks is not None and (isinstance(self.n_tasks, bool) or not isinstance(self.n_tasks, int)
+                                         or self.n_tasks < 1):
+            raise ValueError(f"n_tasks={self.n_tasks!r}; valid: a positive int or None")
+        self.kind, self.inner_method, self.inner_args, self.opts = resolve_method(self.method, self.method_args)
+        self.task_config(lr=self.base_lr)   # validates the engine fields
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.model, DEFAULT_LR[None])
+
+    @property
+    def decay(self) -> float:
+        if self.lr_decay is not None:
+            return self.lr_decay
+        return 1.0 if self.kind == "alkn" and self.opts["variant"] != "tv" else 0.5
+
+    def task_config(self, lr: float, seed: int | None = None) -> UnlearnConfig:
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(UnlearnConfig)}
+        return UnlearnConfig(**{**base, "method": self.inner_method, "method_args": self.inner_args, "lr": lr,
+                                "seed": self.seed if seed is None else seed})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_method(name: str, method_args: dict) -> tuple[str, str, dict, dict]:
+    """(kind, engine method used per task, its args, arithmetic options) for a continual method name."""
+    key = alkn.normalise_variant(name)
+    if key in alkn.VARIANTS:
+        opts = alkn.alkn_options(key, **(method_args or {}))
+        if opts["esl"]:
+            return "alkn", "finetune_esl", {k: opts[k] for k in ("esl_s", "esl_form", "esl_k")}, opts
+        return "alkn", "finetune_forget", {}, opts
+    if key == "tru":
+        unknown = set(method_args or {}) - set(TRU_DEFAULTS)
+        if unknown:
+            raise ValueError(f"tru: unknown options {sorted(unknown)}; valid: {sorted(TRU_DEFAULTS)}")
+        return "tru", "finetune_forget", {}, {**TRU_DEFAULTS, **(method_args or {})}
+    try:
+        method, args = get_method(name, **(method_args or {}))
+    except ValueError as e:
+        raise ValueError(f"{e}; continual also runs: {sorted(alkn.VARIANTS)} and 'tru'") from None
+    return "engine", method.name, args, {}
+
+
+# ---------------------------------------------------------------- tasks
+def _default_n_tasks(n_units: int) -> int:
+    return 5 if n_units % 5 == 0 else n_units
+
+
+def continual_tasks(bench, n_tasks: int | None = None, unit: str = "author") -> list:
+    """The task datasets of a benchmark (each with a `task` column), in order."""
+    from lab.data import TOFU_FORGET_ROWS, load_muse_news, tofu_continual_tasks
+    if bench.name == "muse_news":
+        n = n_tasks or 4
+        if not 1 <= n <= 4:
+            raise ValueError(f"muse_news: n_tasks={n}; valid: 1..4 (sust/forget_1..4)")
+        root = bench.config.get("root")
+        return [_with_task(load_muse_news(f"sust/forget_{i + 1}", root), i) for i in range(n)]
+    if not bench.name.startswith("tofu"):
+        raise ValueError(f"continual: benchmark {bench.name!r}; valid: tofu_subset, tofu_forget01|05|10, muse_news")
+    forget = bench.forget
+    if unit == "rows":
+        n = n_tasks or _default_n_tasks(len(forget))
+        if not 1 <= n <= len(forget):
+            raise ValueError(f"n_tasks={n}; valid with task_unit=rows: 1..{len(forget)}")
+        cuts = [round(i * len(forget) / n) for i in range(n + 1)]
+        return [_with_task(forget.select(range(cuts[i], cuts[i + 1])), i) for i in range(n)]
+    authors = list(dict.fromkeys(forget["author"]))
+    n = n_tasks or _default_n_tasks(len(authors))
+    valid = [k for k in range(1, len(authors) + 1) if len(authors) % k == 0]
+    if n not in valid:
+        raise ValueError(f"{bench.name}: {len(authors)} forget authors cannot be cut into n_tasks={n} equal "
+                         f"whole-author tasks; valid n_tasks: {valid} (or task_unit='rows')")
+    split = bench.config.get("forget_split")
+    if split in TOFU_FORGET_ROWS:
+        return tofu_continual_tasks(n, split, bench.config.get("root"))
+    per = len(authors) // n
+    task_of = {a: i // per for i, a in enumerate(authors)}
+    column = forget["author"]
+    return [_with_task(forget.select([i for i, a in enumerate(column) if task_of[a] == t]), t) for t in range(n)]
+
+
+def _with_task(ds, t):
+    if "task" in ds.column_names:
+        ds = ds.remove_columns("task")
+    return ds.add_column("task", [t] * len(ds))
+
+
+def task_data(tasks, t: int, protocol: str):
+    from datasets import concatenate_datasets
+    return concatenate_datasets(tasks[:t + 1]) if protocol == "joint" else tasks[t]
+
+
+# ---------------------------------------------------------------- evaluation after each task
+def _head(ds, limit):
+    return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
+
+def evaluate_tasks(model, tok, bench, tasks, cfg: ContinualConfig, reference=None, trouge_corpus=None,
+                   progress=False) -> tuple[dict, list[dict], pd.DataFrame]:
+    """(utility metrics, one forget-metrics dict per task, per-row outputs) of the model now."""
+    autocast = getattr(torch, cfg.autocast) if cfg.autocast else None
+    kw = dict(batch_size=cfg.eval_batch_size, autocast_dtype=autocast, progress=progress)
+    if bench.name.startswith("tofu"):
+        util, per_task, rows = _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw)
+    else:
+        util, per_task, rows = _evaluate_muse_tasks(model, tok, bench, tasks, cfg, kw)
+    if trouge_corpus:
+        util["trouge"] = alkn.trouge(model, tok, trouge_corpus, batch_size=cfg.eval_batch_size)["trouge"]
+        if bench.name.startswith("tofu"):
+            util["model_utility_trouge"] = alkn.utility_with_trouge(util, util["trouge"])
+    return util, per_task, rows
+
+
+def _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw):
+    from datasets import concatenate_datasets
+    from lab import metrics
+    from lab.eval import evaluate
+    limit = cfg.eval_limit
+    heads = [_head(t, limit) for t in tasks]
+    sets = {name: _head(ds, limit) for name, ds in bench.eval_sets.items() if name != "forget"}
+    sets["forget"] = concatenate_datasets([h.remove_columns("task") for h in heads])
+    res = evaluate(model, tok, dataclasses.replace(bench, eval_sets=sets), reference=None, limit=None,
+                   max_new_tokens=cfg.eval_max_new_tokens, **kw)
+    m, rows = res["metrics"], res["rows"]
+    util = {k: v for k, v in m.items() if not k.startswith(("forget_", "mia_", "privleak"))}
+    row_task = {int(r): t for t, h in enumerate(heads) for r in h["row"]}
+    rows["row_task"] = [row_task.get(int(r), -1) if s == "forget" else -1 for s, r in zip(rows["set"], rows["row"])]
+    holdout = rows[rows["set"] == "holdout"]
+    ref_rows = reference["rows"] if reference is not None else None
+    mia_k = m.get("mia_min_k", 0.4)
+    per_task = []
+    for t in range(len(tasks)):
+        g = rows[(rows["set"] == "forget") & (rows["row_task"] == t)]
+        out = {"forget_prob": float(g["prob"].mean()), "forget_rouge": float(g["rouge"].mean()),
+               "forget_truth_ratio": float(metrics.truth_ratio_stat(g["truth_ratio"].to_numpy(), "forget"))}
+        for score in ("loss", "min_k", "zlib"):
+            out[f"mia_{score}_auc"] = float(metrics.mia_auc(metrics.membership_score(score, g[score]),
+                                                           metrics.membership_score(score, holdout[score])))
+        out["mia_min_k"] = mia_k
+        if ref_rows is not None:
+            ref_f = ref_rows[(ref_rows["set"] == "forget") & ref_rows["row"].isin(g["row"])]
+            ref_h = ref_rows[(ref_rows["set"] == "holdout") & ref_rows["row"].isin(holdout["row"])]
+            if len(ref_f) and len(ref_h):
+                out["forget_quality"] = float(metrics.forget_quality(g["truth_ratio"].to_numpy(),
+                                                                     ref_f["truth_ratio"].to_numpy()))
+                ref_auc = metrics.mia_auc(metrics.membership_score("min_k", ref_f["min_k"]),
+                                          metrics.membership_score("min_k", ref_h["min_k"]))
+                out["privleak"] = float(metrics.privleak(out["mia_min_k_auc"], ref_auc))
+        per_task.append(out)
+    return util, per_task, rows
+
+
+def _evaluate_muse_tasks(model, tok, bench, tasks, cfg, kw):
+    import numpy as np
+    from lab import metrics
+    from lab.eval import evaluate, token_logprobs
+    res = evaluate(model, tok, bench, limit=cfg.eval_limit, **kw)
+    util = dict(res["metrics"])
+    bos = tok.bos_token or ""
+
+    def text_lp(texts):
+        return token_logprobs(model, tok, [bos] * len(texts), texts, batch_size=cfg.eval_batch_size,
+                              max_length=cfg.max_length, autocast_dtype=kw["autocast_dtype"])
+    holdout = [t for t in _head(bench.eval_sets["privleak_holdout"], cfg.eval_limit)["text"] if t.strip()]
+    hold_mink = np.array([metrics.min_k_percent(lp.numpy()) for lp in text_lp(holdout) if lp.numel()])
+    per_task = []
+    for task in tasks:
+        texts = [t for t in _head(task, cfg.eval_limit)["text"] if t.strip()]
+        lps = [lp for lp in text_lp(texts) if lp.numel()]
+        mink = np.array([metrics.min_k_percent(lp.numpy()) for lp in lps])
+        per_task.append({"forget_prob": float(np.mean([math.exp(float(lp.mean())) for lp in lps])),
+                         "forget_min_k": float(mink.mean()),
+                         "mia_min_k_auc": float(metrics.mia_auc(mink, hold_mink))})
+    return util, per_task, res["rows"]
+
+
+# ---------------------------------------------------------------- run directory: checkpoints and resume
+def _save_checkpoint(run_path: Path, state: dict, params=None, union_mask=None, names=None) -> None:
+    tmp, final, old = run_path / "checkpoint.tmp", run_path / "checkpoint", run_path / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if params is not None:
+        torch.save([p.detach().cpu().clone() for p in params], tmp / "params.pt")
+    if union_mask is not None:
+        masks.save_mask(tmp / "union_mask.npz", union_mask, names)
+    runs.atomic_write_json(tmp / "state.json", state)      # written last: marks a complete checkpoint
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(run_path: Path) -> tuple[Path | None, dict | None]:
+    best = (None, None)
+    for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+        p = run_path / name / "state.json"
+        if p.is_file():
+            state = json.loads(p.read_text())
+            if best[1] is None or state["task_done"] > best[1]["task_done"]:
+                best = (p.parent, state)
+    return best
+
+
+def _read_eval_records(path: Path) -> list[dict]:
+    f = path / runs.EVAL
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def _reopen(path: Path, config: dict, task_done: int) -> runs.Run:
+    """A Run on an existing directory holding only what tasks <= task_done wrote (public Run API)."""
+    old_trace = pd.read_parquet(path / runs.TRACE) if (path / runs.TRACE).exists() else pd.DataFrame()
+    old_rows = pd.read_parquet(path / runs.EVAL_ROWS) if (path / runs.EVAL_ROWS).exists() else pd.DataFrame()
+    records = [r for r in _read_eval_records(path) if r.get("task", -1) <= task_done]
+    for name in (runs.TRACE, runs.EVAL, runs.EVAL_ROWS):
+        (path / name).unlink(missing_ok=True)
+    for f in (path / "masks").glob("task_*.npz") if (path / "masks").exists() else []:
+        if int(f.stem.split("_")[1]) > task_done:
+            f.unlink()
+    run = runs.Run(path, config)
+    if not old_trace.empty:
+        keep = old_trace[old_trace["task"] <= task_done]
+        for row in keep.to_dict("records"):
+            run.log_step({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))})
+    for rec in records:
+        rows = None
+        if not old_rows.empty and rec.get("eval_task") is None:
+            match = (old_rows["task"] == rec["task"]) & (old_rows["checkpoint"] == rec["checkpoint"])
+            rows = old_rows[match].drop(columns=[c for c in runs.EVAL_INDEX if c in old_rows.columns])
+        run.log_eval(rec, rows=rows)
+    run.flush()
+    return run
+
+
+def _now() -> str:
+    import datetime as dt
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+def _run_context(config: dict, root, resume_path: Path | None, task_done: int):
+    """create_run for a new run; a reopened Run for a resumed one. Either way a failure KEEPS the
+    directory (status 'failed' / 'interrupted'): a continual run is resumable."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        if resume_path is None:
+            with runs.create_run(config, root=root) as run:
+                try:
+                    yield run
+                except runs.RunStopped:
+                    raise
+                except KeyboardInterrupt as e:
+                    raise runs.RunStopped(f"interrupted: {e!r}; resume with continual(resume=...)",
+                                          status="interrupted") from e
+                except Exception as e:
+                    raise runs.RunStopped(f"{type(e).__name__}: {e}; resume with continual(resume=...)",
+                                          status="failed") from e
+            return
+        run = _reopen(resume_path, config, task_done)
+        run.write_summary(status="running", resumed=_now(), error=None)
+        try:
+            yield run
+        except runs.RunStopped as stop:
+            run.flush()
+            run.write_summary(status=stop.status, error=str(stop), finished=_now())
+            raise
+        except BaseException as e:
+            run.flush()
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            run.write_summary(status=status, error=f"{type(e).__name__}: {e}", finished=_now())
+            raise runs.RunStopped(f"{type(e).__name__}: {e}; resume with continual(resume=...)",
+                                  status=status) from e
+        else:
+            run.flush()
+            run.write_summary(status="done", finished=_now())
+    return ctx()
+
+
+# ---------------------------------------------------------------- the protocol
+@dataclasses.dataclass
+class ContinualResult:
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    evals: pd.DataFrame
+    table: pd.DataFrame
+    config: dict
+
+
+def _config_from_run(path: Path) -> ContinualConfig:
+    import yaml
+    raw = yaml.safe_load((path / runs.CONFIG).read_text()) or {}
+    if raw.get("kind") != "continual":
+        raise ValueError(f"{path}: not a continual run (kind={raw.get('kind')!r})")
+    fields = {f.name for f in dataclasses.fields(ContinualConfig)}
+    return ContinualConfig(**{k: v for k, v in raw.items() if k in fields})
+
+
+def continual(config: ContinualConfig | dict | None = None, *, resume=None, progress=True,
+              **overrides) -> ContinualResult:
+    """Run (or resume) a continual-unlearning experiment; see the module docstring."""
+    from lab.data import idk_answers as load_idk
+    if resume is not None:
+        resume = Path(resume)
+        if not (resume / runs.CONFIG).is_file():
+            raise FileNotFoundError(f"resume: {resume} is not a run directory (no {runs.CONFIG})")
+        if config is not None or overrides:
+            raise ValueError("resume: the run's own config.yaml is used; pass no config or overrides")
+        cfg = _config_from_run(resume)
+    elif isinstance(config, ContinualConfig):
+        cfg = dataclasses.replace(config, **overrides)
+    else:
+        cfg = ContinualConfig(**{**(config or {}), **overrides})
+
+    model, tok, bench, reference, _, extra = load_starting_point(cfg.task_config(cfg.base_lr))
+    tasks = continual_tasks(bench, cfg.n_tasks, cfg.task_unit)
+    params = taskvec.trainable(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trouge_corpus = None
+    if cfg.trouge is not None:   # built from theta_0 (the model before any unlearning), cached
+        exclude = [a for t in tasks for a in (t["answer"] if "answer" in t.column_names else t["text"])]
+        trouge_corpus = alkn.build_trouge_corpus(model, tok, exclude_texts=exclude, **cfg.trouge)
+    method = args = idk = None
+    if cfg.kind == "engine":
+        method, args = get_method(cfg.inner_method, **cfg.inner_args)
+        if any(t.objective in ("idk", "dpo") for t in method.forget):
+            idk = load_idk()
+
+    config = {**cfg.to_dict(), "kind": "continual", "method": alkn.normalise_variant(cfg.method)
+              if cfg.kind != "engine" else method.name, "method_kind": cfg.kind, "engine_method": cfg.inner_method,
+              "engine_method_args": cfg.inner_args, "arithmetic_options": cfg.opts,
+              "benchmark_config": bench.config, "n_tasks": len(tasks), "lr_decay": cfg.decay,
+              "task_rows": [len(t) for t in tasks], "trace_columns": runs.TRACE_COLUMNS, **extra}
+    ckpt_dir, ckpt = _load_checkpoint(resume) if resume is not None else (None, None)
+    task_done = ckpt["task_done"] if ckpt else -2           # -2: nothing, -1: initial evaluation logged
+    if resume is not None and task_done == len(tasks) - 1:
+        raise ValueError(f"resume: {resume} already finished all {len(tasks)} tasks")
+
+    theta_0 = taskvec.snapshot(params) if cfg.protocol != "sequential" else None
+    union_mask, task_masks, global_step = None, {}, 0
+    if ckpt:
+        global_step = ckpt["global_step"]
+        if cfg.protocol == "sequential" and (ckpt_dir / "params.pt").is_file():
+            taskvec.load_values_(params, torch.load(ckpt_dir / "params.pt"))
+        if (ckpt_dir / "union_mask.npz").is_file():
+            union_mask = masks.load_mask(ckpt_dir / "union_mask.npz")[0]
+        for t in range(task_done + 1):
+            f = resume / "masks" / f"task_{t}.npz"
+            if f.is_file():
+                task_masks[t] = masks.load_mask(f)[0]
+
+    t_start = time.time()
+    with _run_context(config, cfg.runs_root, resume, task_done) as run:
+        def log_checkpoint(task, checkpoint, step, epoch, util, per_task, rows, extra_util=None):
+            base = {"step": step, "epoch": epoch, "task": task, "checkpoint": checkpoint}
+            run.log_eval({**base, "eval_task": None, **util, **(extra_util or {})}, rows=rows)
+            for k, m in enumerate(per_task):
+                run.log_eval({**base, "eval_task": k, **m})
+
+        if task_done < -1:
+            t0 = time.time()
+            util, per_task, rows = evaluate_tasks(model, tok, bench, tasks, cfg, reference, trouge_corpus,
+                                                  progress=progress)
+            log_checkpoint(-1, "initial", 0, 0, util, per_task, rows,
+                           {"eval_seconds": round(time.time() - t0, 2), "lr": None})
+            if cfg.checkpoint:
+                _save_checkpoint(run.path, {"task_done": -1, "global_step": 0})
+        for t in range(max(task_done + 1, 0), len(tasks)):
+            t0 = time.time()
+            if cfg.protocol != "sequential":
+                taskvec.load_values_(params, theta_0)
+            lr_t = cfg.base_lr * (cfg.decay ** t if cfg.protocol == "sequential" else 1.0)
+            task_cfg = cfg.task_config(lr=lr_t, seed=cfg.seed + t)
+            forget_t = task_data(tasks, t, cfg.protocol)
+            theta_prev = taskvec.snapshot(params)
+            need_gr = cfg.task_diagnostics or (cfg.kind == "alkn" and cfg.opts["dgs"])
+            retain_grad = (alkn.retain_gradient(model, tok, bench.retain, task_cfg, cfg.opts or None)
+                           if need_gr else None)
+            state = LoopState(step=global_step)
+            prev_mask = union_mask if cfg.protocol == "sequential" else None
+            mask = None
+            try:
+                if cfg.kind == "engine":
+                    unlearning_loop(model, tok, forget_t, bench.retain, method, args, task_cfg, run=run, task=t,
+                                    idk_answers=idk, progress=progress, state=state)
+                elif cfg.kind == "alkn":
+                    out = alkn.alkn_task(model, tok, forget_t, bench.retain, task_cfg, cfg.opts,
+                                         prev_mask=prev_mask, retain_grad=retain_grad, theta_prev=theta_prev,
+                                         run=run, task=t, state=state, progress=progress)
+                    mask = out["mask"]
+                else:
+                    taskvec.tru_unlearn(model, tok, forget_t, task_cfg, n_batches=cfg.opts["n_batches"],
+                                        stg=cfg.opts["stg"], run=run, task=t, state=state, progress=progress)
+            except Diverged as e:
+                raise runs.RunStopped(f"task {t}: {cfg.method} diverged: {e}", status="diverged") from None
+            global_step = state.step
+            task_seconds = time.time() - t0
+            delta = [p.detach() - b for p, b in zip(params, theta_prev)]
+            diag = {"lr": lr_t, "tv_moved_fraction": masks.moved_fraction(theta_prev, params),
+                    "update_norm": float(geometry.norm(delta)),
+                    "predicted_retain_change": retain_grad.dot(delta) if retain_grad is not None else None,
+                    "task_seconds": round(task_seconds, 2), "steps": global_step}
+            del delta, theta_prev, retain_grad
+            if mask is not None:
+                diag["active_fraction"] = masks.active_fraction(mask)
+                diag["mask_jaccard_prev"] = masks.jaccard(mask, prev_mask) if prev_mask is not None else None
+                task_masks[t] = mask
+                (run.path / "masks").mkdir(exist_ok=True)
+                masks.save_mask(run.path / "masks" / f"task_{t}.npz", mask, names)
+                run.log_masks(masks.overlap_table(task_masks, names))
+                counts = pd.concat([masks.mask_counts(task_masks[k], names, task=k) for k in sorted(task_masks)])
+                runs.atomic_write_parquet(run.path / "mask_counts.parquet", counts)
+                if cfg.protocol == "sequential":
+                    union_mask = mask if union_mask is None else masks.union(union_mask, mask)
+            e0 = time.time()
+            util, per_task, rows = evaluate_tasks(model, tok, bench, tasks, cfg, reference, trouge_corpus,
+                                                  progress=progress)
+            diag["eval_seconds"] = round(time.time() - e0, 2)
+            epoch = state.trace[-1]["epoch"] if state.trace else 0
+            log_checkpoint(t, "unlearned", global_step, epoch, util, per_task, rows, diag)
+            if cfg.checkpoint:
+                seq = cfg.protocol == "sequential"
+                _save_checkpoint(run.path, {"task_done": t, "global_step": global_step},
+                                 params=params if seq else None, union_mask=union_mask if seq else None,
+                                 names=names)
+        if cfg.save_model:
+            model.save_pretrained(run.path / "model")
+            tok.save_pretrained(run.path / "model")
+        evals = pd.DataFrame(_read_eval_records(run.path))
+        table = task_table(evals)
+        final = {k: v for k, v in table.iloc[-1].items() if pd.notna(v)} if len(table) else {}
+        run.write_summary(metrics={str(k): v for k, v in final.items()}, steps=global_step,
+                          seconds=round(time.time() - t_start, 2), n_tasks=len(tasks))
+    return ContinualResult(run.path, model, tok, evals, table, config)
+
+
+# ---------------------------------------------------------------- tables
+TABLE_UTILITY = ["model_utility", "model_utility_trouge", "trouge", "verbmem_rouge_f1", "knowmem_forget_rouge_f1",
+                 "knowmem_retain_rouge_f1",
+                 "active_fraction", "tv_moved_fraction", "predicted_retain_change", "lr"]
+TABLE_PER_TASK = ["forget_rouge", "forget_prob", "forget_quality"]
+
+
+def task_table(evals: pd.DataFrame, per_task=TABLE_PER_TASK, utility=TABLE_UTILITY) -> pd.DataFrame:
+    """Per-task table of a continual run's eval records: one row per checkpoint ('initial', 'after 0',
+    ...), utility columns and, per metric, one column per evaluated task (e.g. forget_rouge[2])."""
+    if evals.empty or "eval_task" not in evals:
+        return pd.DataFrame()
+    label = lambda t: "initial" if t < 0 else f"after {int(t)}"  # noqa: E731
+    util = evals[evals["eval_task"].isna()].drop_duplicates("task", keep="last").set_index("task")
+    out = util[[c for c in utility if c in util.columns and util[c].notna().any()]].copy()
+    per = evals[evals["eval_task"].notna()]
+    for metric in per_task:
+        if metric not in per or per[metric].isna().all():
+            continue
+        wide = per.pivot_table(index="task", columns="eval_task", values=metric, aggfunc="last")
+        wide.columns = [f"{metric}[{int(k)}]" for k in wide.columns]
+        out = out.join(wide, how="outer")
+    out.index = [label(t) for t in out.index]
+    out.index.name = "checkpoint"
+    return out

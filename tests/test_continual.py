@@ -1,0 +1,170 @@
+"""lab.continual: task splits, the three protocols on the tiny preset (3 short tasks), resume equivalence,
+the per-task table and the `lab continual` / `lab runs show` commands."""
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from lab import cli, continual as C, runs
+from lab.data import get_benchmark, tofu_subset
+
+SHORT = dict(n_tasks=3, task_unit="rows", epochs=1, batch_size=8, max_length=128, eval_limit=2,
+             eval_max_new_tokens=16, eval_batch_size=8, progress=False)
+
+
+# ---------------------------------------------------------------- tasks and config (no model)
+def test_tofu_task_splits(shared_data):
+    bench = tofu_subset(n_retain_authors=2, n_forget_authors=2)
+    by_author = C.continual_tasks(bench)
+    assert [len(t) for t in by_author] == [20, 20]
+    assert [set(t["author"]) for t in by_author] == [{198}, {199}] and by_author[1]["task"][0] == 1
+    rows = C.continual_tasks(bench, 3, "rows")
+    assert [len(t) for t in rows] == [13, 14, 13]
+    assert sum((list(t["row"]) for t in rows), []) == list(bench.forget["row"])        # in order, disjoint
+    with pytest.raises(ValueError, match=r"valid n_tasks: \[1, 2\]"):
+        C.continual_tasks(bench, 3)
+    f10 = C.continual_tasks(get_benchmark("tofu_forget10"))                       # ALKN: 5 x 4 authors
+    assert [len(t) for t in f10] == [80] * 5 and [len(set(t["author"])) for t in f10] == [4] * 5
+    assert C.task_data(rows, 2, "joint").num_rows == 40 and C.task_data(rows, 2, "sequential").num_rows == 13
+
+
+def test_muse_tasks_are_the_sust_splits(shared_data):
+    tasks = C.continual_tasks(get_benchmark("muse_news"))
+    assert len(tasks) == 4 and all("text" in t.column_names and len(t) > 0 for t in tasks)
+    with pytest.raises(ValueError, match="valid: 1..4"):
+        C.continual_tasks(get_benchmark("muse_news"), 5)
+
+
+def test_config_validation_and_lr_decay_defaults():
+    assert C.ContinualConfig(method="NPO+RT").decay == 0.5              # baselines halve (ALKN App. E.1)
+    assert C.ContinualConfig(method="tv").decay == 0.5
+    assert C.ContinualConfig(method="alkn").decay == 1.0
+    assert C.ContinualConfig(method="alkn", lr_decay=0.7).decay == 0.7
+    cfg = C.ContinualConfig(method="alkn_wo_esl", method_args={"lam": 0.5})
+    assert (cfg.kind, cfg.inner_method, cfg.opts["lam"]) == ("alkn", "finetune_forget", 0.5)
+    assert C.ContinualConfig(method="tru").opts == {"n_batches": 4, "stg": 0.75}
+    with pytest.raises(ValueError, match="protocol='parallel'"):
+        C.ContinualConfig(protocol="parallel")
+    with pytest.raises(ValueError, match="continual also runs: .*alkn_wo_apm.*'tru'"):
+        C.ContinualConfig(method="npo_zz")
+    with pytest.raises(ValueError, match="unknown options"):
+        C.ContinualConfig(method="tru", method_args={"strength": 1})
+
+
+def test_task_table_layout():
+    evals = pd.DataFrame([
+        {"task": -1, "eval_task": None, "checkpoint": "initial", "model_utility": 0.5},
+        {"task": -1, "eval_task": 0, "checkpoint": "initial", "forget_rouge": 0.9, "forget_prob": 0.8},
+        {"task": -1, "eval_task": 1, "checkpoint": "initial", "forget_rouge": 0.95, "forget_prob": 0.85},
+        {"task": 0, "eval_task": None, "checkpoint": "unlearned", "model_utility": 0.4, "lr": 1e-3},
+        {"task": 0, "eval_task": 0, "checkpoint": "unlearned", "forget_rouge": 0.3, "forget_prob": 0.1},
+        {"task": 0, "eval_task": 1, "checkpoint": "unlearned", "forget_rouge": 0.7, "forget_prob": 0.6},
+    ])
+    table = C.task_table(evals)
+    assert list(table.index) == ["initial", "after 0"]
+    assert list(table.columns) == ["model_utility", "lr", "forget_rouge[0]", "forget_rouge[1]",
+                                   "forget_prob[0]", "forget_prob[1]"]
+    assert table.loc["after 0", "forget_rouge[1]"] == 0.7 and table.loc["initial", "model_utility"] == 0.5
+    assert C.task_table(pd.DataFrame()).empty
+
+
+# ---------------------------------------------------------------- runs on the prepared tiny models
+def _records(path):
+    return [json.loads(line) for line in (path / runs.EVAL).read_text().splitlines()]
+
+
+def _check_records(path, n_tasks=3):
+    recs = _records(path)
+    assert len(recs) == (n_tasks + 1) * (n_tasks + 1)                # per checkpoint: utility + every task
+    util = [r for r in recs if r["eval_task"] is None]
+    assert [(r["task"], r["checkpoint"]) for r in util] == [(-1, "initial")] + [(t, "unlearned") for t in range(n_tasks)]
+    per = [r for r in recs if r["eval_task"] is not None]
+    for r in per:   # every task's forget set after every task, FQ against the retain model on the same rows
+        assert 0 <= r["forget_prob"] <= 1 and 0 <= r["forget_rouge"] <= 1 and 0 <= r["forget_quality"] <= 1
+        assert {"mia_min_k_auc", "privleak", "forget_truth_ratio"} <= set(r)
+    for r in util[1:]:
+        assert 0 <= r["model_utility"] <= 1 and 0 < r["tv_moved_fraction"] <= 1
+        assert math.isfinite(r["predicted_retain_change"]) and r["update_norm"] > 0
+    return util, per
+
+
+def test_sequential_baseline_halves_lr_and_cascades(prepared_tiny, tmp_path):
+    res = C.continual(method="npo_rt", protocol="sequential", lr=1e-3, runs_root=tmp_path, **SHORT)
+    util, per = _check_records(res.run_dir)
+    assert [r["lr"] for r in util[1:]] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    trace = runs.load_run(res.run_dir).trace
+    assert trace.groupby("task").size().tolist() == [2, 2, 2]         # ceil(13/8), ceil(14/8), ceil(13/8)
+    assert trace["step"].tolist() == list(range(6)) and trace["loss_r"].notna().all()
+    # cascading degradation record: task 2's forget prob before any unlearning and after tasks 0, 1
+    p2 = {r["task"]: r["forget_prob"] for r in per if r["eval_task"] == 2}
+    assert set(p2) == {-1, 0, 1, 2}
+    assert list(res.table.index) == ["initial", "after 0", "after 1", "after 2"]
+    assert not (res.run_dir / runs.MASKS).exists()                       # masks are ALKN's
+
+
+def test_independent_alkn_starts_every_task_from_theta0(prepared_tiny, tmp_path):
+    res = C.continual(method="alkn", protocol="independent", lr=1e-3, runs_root=tmp_path, **SHORT)
+    util, _ = _check_records(res.run_dir)
+    assert [r["lr"] for r in util[1:]] == [1e-3] * 3
+    assert [r["mask_jaccard_prev"] for r in util[1:]] == [None] * 3      # no union mask M across tasks
+    assert all(abs(r["active_fraction"] - 0.3) < 0.05 for r in util[1:])
+    state = json.loads((res.run_dir / "checkpoint" / "state.json").read_text())
+    assert state["task_done"] == 2 and not (res.run_dir / "checkpoint" / "params.pt").exists()
+    masks_df = runs.load_run(res.run_dir).masks
+    assert set(zip(masks_df["task_a"], masks_df["task_b"])) == {(0, 1), (0, 2), (1, 2)}
+    trace = runs.load_run(res.run_dir).trace
+    assert (trace.groupby("task")["active_fraction"].first() == 1.0).all()   # rho starts at 1 every task
+
+
+def test_joint_tv_through_the_cli(prepared_tiny, tmp_path, capsys):
+    root = tmp_path / "runs"
+    rc = cli.main(["continual", "--method", "tv", "--protocol", "joint", "--n-tasks", "3", "--task-unit", "rows",
+                   "--epochs", "1", "--batch-size", "8", "--eval-limit", "2", "--lr", "1e-3", "--runs", str(root),
+                   "--set", "max_length=128", "eval_max_new_tokens=16", "eval_batch_size=8"])
+    assert rc == 0
+    run_dir = runs.find_runs(root)[0]
+    util, _ = _check_records(run_dir)
+    trace = runs.load_run(run_dir).trace
+    assert trace.groupby("task").size().tolist() == [2, 4, 5]         # unions of 13, 27, 40 rows
+    assert [r["lr"] for r in util[1:]] == [1e-3] * 3                   # joint: every task from theta_0
+    capsys.readouterr()
+    assert cli.main(["runs", "show", run_dir.name, "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "forget_rouge[2]" in out and "after 2" in out and "model_utility" in out
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_results(prepared_tiny, tmp_path, monkeypatch):
+    kw = dict(method="alkn", protocol="sequential", lr=1e-3, **SHORT)
+    full = C.continual(runs_root=tmp_path / "a", **kw)
+
+    real = C.alkn.alkn_task
+
+    def crash_in_task_1(*args, **k):
+        if k.get("task") == 1:
+            raise RuntimeError("simulated crash")
+        return real(*args, **k)
+    monkeypatch.setattr(C.alkn, "alkn_task", crash_in_task_1)
+    with pytest.raises(runs.RunStopped, match="simulated crash"):
+        C.continual(runs_root=tmp_path / "b", **kw)
+    monkeypatch.setattr(C.alkn, "alkn_task", real)
+    broken = runs.find_runs(tmp_path / "b")[0]
+    assert runs.load_run(broken).status == "failed"
+    assert json.loads((broken / "checkpoint" / "state.json").read_text())["task_done"] == 0
+    resumed = C.continual(resume=broken, progress=False)
+
+    def clean(path):
+        return [{k: v for k, v in r.items() if k not in C.TIME_KEYS} for r in _records(path)]
+    assert clean(resumed.run_dir) == clean(full.run_dir)                  # identical numbers, same records
+    assert all(torch.equal(p, q) for p, q in zip(full.model.parameters(), resumed.model.parameters()))
+    a, b = runs.load_run(full.run_dir), runs.load_run(resumed.run_dir)
+    assert a.status == b.status == "done"
+    pd.testing.assert_frame_equal(a.trace, b.trace[a.trace.columns], check_dtype=False)
+    pd.testing.assert_frame_equal(a.masks, b.masks)
+    util, _ = _check_records(resumed.run_dir)
+    assert util[1]["mask_jaccard_prev"] is None and util[2]["mask_jaccard_prev"] is not None
+    assert (resumed.run_dir / "checkpoint" / "union_mask.npz").exists()
+    with pytest.raises(ValueError, match="already finished"):
+        C.continual(resume=resumed.run_dir)
