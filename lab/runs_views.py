@@ -1,0 +1,362 @@
+"""Derived tables from run records (lab.runs.RunRecord): what the dashboard and notebooks plot.
+
+Pure pandas - no torch, no streamlit - so every table is unit-testable and importable in a second.
+Each function takes a list of records (anything with run_id, config, summary, trace, evals, masks,
+status, errors, like lab.runs.RunRecord) and returns a long or wide DataFrame:
+
+    runs_table(recs)                        one row per run: keys, status, steps, final metrics, errors
+    trace_table(recs)                       every trace row with run_id / label / method columns
+    tradeoff_table(recs, "model_utility", "forget_rouge")
+                                            one point per run (per task for continual runs) + targets
+    continual_table(recs)                   long: run, protocol, task checkpoint, eval_task, metric, value
+    cascading_table(recs)                   ALKN fig. 2a: forget_prob of task k at initial vs after k-1
+    mask_overlap_table(recs)                masks.parquet of every continual run, with run labels
+    task_diagnostics_table(recs)            per task: active_fraction, tv_moved_fraction, sparsity, ...
+    generations_table(recs_rows, set, row)  one row per (run, checkpoint) for a question
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from lab import runs
+
+MASK_COUNTS = "mask_counts.parquet"   # lab.continual: per task and tensor active counts (ALKN)
+
+# Metric -> True if larger is better. Decides the Pareto front and the "change from initial" sign.
+HIGHER_IS_BETTER = {
+    "model_utility": True, "model_utility_trouge": True, "trouge": True, "knowmem_retain_rouge_f1": True,
+    "retain_rouge": True, "retain_prob": True, "forget_quality": True,
+    "forget_rouge": False, "forget_prob": False, "forget_truth_ratio": False, "verbmem_rouge_f1": False,
+    "knowmem_forget_rouge_f1": False, "mia_min_k_auc": False, "mia_loss_auc": False, "mia_zlib_auc": False,
+    "forget_min_k": True,
+}
+UTILITY_METRICS = ["model_utility", "model_utility_trouge", "knowmem_retain_rouge_f1", "retain_rouge",
+                   "retain_prob", "trouge"]
+FORGET_METRICS = ["forget_rouge", "forget_quality", "verbmem_rouge_f1", "knowmem_forget_rouge_f1",
+                  "forget_prob", "forget_truth_ratio", "mia_min_k_auc"]
+SUMMARY_METRICS = ["model_utility", "forget_rouge", "forget_quality", "forget_prob", "privleak",
+                   "verbmem_rouge_f1", "knowmem_forget_rouge_f1", "knowmem_retain_rouge_f1"]
+UNIT_METRICS = [m for m in SUMMARY_METRICS if m != "privleak"]   # in [0, 1]: one bar chart axis
+HOVER_KEYS = ["method", "kind", "protocol", "lr", "epochs", "max_steps", "batch_size", "seed", "model",
+              "benchmark", "method_args"]
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric; unknown metrics count as utility-like (larger is better)."""
+    return HIGHER_IS_BETTER.get(metric, not metric.startswith(("forget_", "mia_", "verbmem")))
+
+
+def run_label(rec) -> str:
+    """Short, unique, human label: method [protocol] #digest (the run id ends with a config digest)."""
+    cfg = rec.config or {}
+    method = cfg.get("method") or "?"
+    proto = f" [{cfg['protocol']}]" if cfg.get("protocol") else ""
+    return f"{method}{proto} #{rec.run_id.rsplit('-', 1)[-1]}"
+
+
+def _meta(rec) -> dict:
+    return {"run_id": rec.run_id, "label": run_label(rec),
+            **{k: (rec.config or {}).get(k) for k in runs.RUN_KEYS}}
+
+
+# ---------------------------------------------------------------- per-run summary
+def final_record(rec) -> dict:
+    """The last utility-level 'unlearned' eval record of a run (continual: after the last task), or {}."""
+    ev = rec.evals
+    if ev is None or ev.empty or "checkpoint" not in ev:
+        return {}
+    ev = ev[ev["checkpoint"] == "unlearned"]
+    if "eval_task" in ev:
+        ev = ev[ev["eval_task"].isna()]
+    if ev.empty:
+        return {}
+    order = [c for c in ("task", "step") if c in ev]
+    return ev.sort_values(order, kind="stable").iloc[-1].dropna().to_dict() if order else ev.iloc[-1].to_dict()
+
+
+def initial_record(rec) -> dict:
+    ev = rec.evals
+    if ev is None or ev.empty or "checkpoint" not in ev:
+        return {}
+    ev = ev[ev["checkpoint"] == "initial"]
+    if "eval_task" in ev:
+        ev = ev[ev["eval_task"].isna()]
+    return ev.iloc[-1].dropna().to_dict() if len(ev) else {}
+
+
+def runs_table(records) -> pd.DataFrame:
+    """One row per run: label, status, RUN_KEYS, steps, seconds, final metrics (summary or last eval), errors."""
+    out = []
+    for rec in records:
+        summary = rec.summary or {}
+        metrics = summary.get("metrics") if isinstance(summary.get("metrics"), dict) else {}
+        final = {**final_record(rec), **metrics}
+        row = {**_meta(rec), "status": rec.status, "steps": summary.get("steps"),
+               "trace_rows": len(rec.trace) if rec.trace is not None else 0,
+               "seconds": summary.get("seconds"), "started": summary.get("started")}
+        row.update({m: final.get(m) for m in SUMMARY_METRICS})
+        row["errors"] = "; ".join(rec.errors)
+        out.append(row)
+    cols = ["label", "status", *runs.RUN_KEYS, "steps", "trace_rows", "seconds", "started",
+            *SUMMARY_METRICS, "errors", "run_id"]
+    df = pd.DataFrame(out, columns=cols)
+    # drop metric columns no run has, so the table stays narrow
+    return df.drop(columns=[m for m in SUMMARY_METRICS if df[m].isna().all()])
+
+
+def trace_table(records) -> pd.DataFrame:
+    """All trace rows of the runs, with run_id, label, method, kind, protocol columns in front."""
+    frames = []
+    for rec in records:
+        if rec.trace is None or rec.trace.empty:
+            continue
+        m = _meta(rec)
+        frames.append(rec.trace.assign(**{k: m[k] for k in ("run_id", "label", "method", "kind", "protocol")}))
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "label", "method", "kind", "protocol", *runs.TRACE_COLUMNS])
+    df = pd.concat(frames, ignore_index=True)
+    front = ["run_id", "label", "method", "kind", "protocol"]
+    return df[front + [c for c in df.columns if c not in front]]
+
+
+# ---------------------------------------------------------------- trade-offs
+def _hover(rec) -> str:
+    cfg = rec.config or {}
+    parts = [f"{k}={cfg[k]}" for k in HOVER_KEYS if cfg.get(k) not in (None, {}, [])]
+    return "<br>".join([rec.run_id, *parts])
+
+
+def _value(rec_metrics: dict, metric: str):
+    v = rec_metrics.get(metric)
+    return float(v) if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else None
+
+
+def tradeoff_table(records, utility: str = "model_utility", forgetting: str = "forget_rouge",
+                   change: bool = False) -> pd.DataFrame:
+    """Points for a utility-vs-forgetting scatter (NGDiff fig. 1 / ALKN fig. 4).
+
+    Single runs: one point (final 'unlearned' record). Continual runs: one point per task t, with the
+    utility after task t and `forgetting` of task t's own forget set after task t. One 'target' point per
+    (benchmark, model) from the initial records. change=True replaces forgetting by its change from the
+    initial value (initial - now for lower-is-better metrics, e.g. the drop in F-Rouge), as in ALKN fig. 4.
+    Columns: run_id, label, method, kind, protocol, benchmark, model, point, task, utility, forgetting, hover.
+    """
+    rows, targets = [], {}
+    for rec in records:
+        ev = rec.evals
+        if ev is None or ev.empty or "checkpoint" not in ev:
+            continue
+        meta, hover = _meta(rec), _hover(rec)
+        init = initial_record(rec)
+        per_task = ev[ev["eval_task"].notna()] if "eval_task" in ev else ev.iloc[0:0]
+        if (rec.config or {}).get("kind") == "continual" and not per_task.empty:
+            init_task = per_task[per_task["checkpoint"] == "initial"].set_index("eval_task")
+            util = ev[(ev["checkpoint"] == "unlearned") & ev["eval_task"].isna()]
+            for _, u in util.iterrows():
+                t = int(u["task"])
+                own = per_task[(per_task["checkpoint"] == "unlearned") & (per_task["task"] == t)
+                               & (per_task["eval_task"] == t)]
+                if own.empty:
+                    continue
+                f = _value(own.iloc[-1].to_dict(), forgetting)
+                f0 = _value(init_task.loc[t].to_dict(), forgetting) if t in init_task.index else None
+                rows.append({**meta, "point": f"after task {t}", "task": t, "utility": _value(u.to_dict(), utility),
+                             "forgetting": f, "initial_forgetting": f0, "hover": hover})
+            init_util = initial_record(rec)
+            if init_util:
+                f0s = [_value(r.to_dict(), forgetting) for _, r in init_task.iterrows()]
+                f0s = [v for v in f0s if v is not None]
+                key = (meta["benchmark"], meta["model"])
+                targets.setdefault(key, {"utility": _value(init_util, utility),
+                                         "forgetting": sum(f0s) / len(f0s) if f0s else None})
+            continue
+        final = final_record(rec)
+        if not final:
+            continue
+        f0 = _value(init, forgetting) if init else None
+        rows.append({**meta, "point": "final", "task": None, "utility": _value(final, utility),
+                     "forgetting": _value(final, forgetting), "initial_forgetting": f0, "hover": hover})
+        if init:
+            targets.setdefault((meta["benchmark"], meta["model"]),
+                               {"utility": _value(init, utility), "forgetting": f0})
+    for (bench, model), v in targets.items():
+        rows.append({"run_id": None, "label": f"target ({model}, {bench})", "method": "target", "kind": "target",
+                     "model": model, "benchmark": bench, "point": "initial", "task": None, **v,
+                     "initial_forgetting": v["forgetting"], "hover": f"initial model: {model} on {bench}"})
+    cols = ["run_id", "label", "method", "kind", "protocol", "benchmark", "model", "point", "task",
+            "utility", "forgetting", "initial_forgetting", "hover"]
+    df = pd.DataFrame(rows).reindex(columns=cols)
+    if change and len(df):
+        # positive = more forgetting than the initial model, whichever way the metric points
+        sign = -1.0 if higher_is_better(forgetting) else 1.0
+        df["forgetting"] = (df["initial_forgetting"] - df["forgetting"]) * sign
+    return df.dropna(subset=["utility", "forgetting"]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- continual
+def _checkpoint_label(task) -> str:
+    return "initial" if task < 0 else f"after {int(task)}"
+
+
+def continual_table(records) -> pd.DataFrame:
+    """Continual runs' eval records in long form: run_id, label, method, protocol, task (-1 = initial),
+    checkpoint_label, eval_task (None = utility record), metric, value."""
+    frames = []
+    for rec in records:
+        ev = rec.evals
+        if (rec.config or {}).get("kind") != "continual" or ev is None or ev.empty or "eval_task" not in ev:
+            continue
+        meta = _meta(rec)
+        ids = [c for c in runs.EVAL_INDEX if c in ev]
+        values = ev.drop(columns=ids).select_dtypes("number")
+        long = pd.concat([ev[ids], values], axis=1).melt(id_vars=ids, var_name="metric", value_name="value")
+        long = long.dropna(subset=["value"])
+        frames.append(long.assign(**{k: meta[k] for k in ("run_id", "label", "method", "protocol")}))
+    cols = ["run_id", "label", "method", "protocol", "task", "checkpoint_label", "eval_task", "metric", "value"]
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    df = pd.concat(frames, ignore_index=True)
+    df["task"] = df["task"].astype(int)
+    df["checkpoint_label"] = df["task"].map(_checkpoint_label)
+    return df[cols].sort_values(["run_id", "task", "eval_task"], kind="stable", na_position="first") \
+        .reset_index(drop=True)
+
+
+def cascading_table(records, metric: str = "forget_prob") -> pd.DataFrame:
+    """ALKN fig. 2a: for each continual run and task k >= 1, `metric` of task k's forget set at the
+    initial model ('before any unlearning') and after task k-1 ('after previous unlearning').
+    Columns: run_id, label, protocol, eval_task, before_any, after_previous."""
+    long = continual_table(records)
+    long = long[(long["metric"] == metric) & long["eval_task"].notna()]
+    rows = []
+    for (run_id, k), g in long.groupby(["run_id", "eval_task"]):
+        k = int(k)
+        if k < 1:
+            continue
+        before = g.loc[g["task"] == -1, "value"]
+        after = g.loc[g["task"] == k - 1, "value"]
+        if before.empty or after.empty:
+            continue
+        rows.append({"run_id": run_id, "label": g["label"].iloc[0], "protocol": g["protocol"].iloc[0],
+                     "eval_task": k, "before_any": float(before.iloc[-1]), "after_previous": float(after.iloc[-1])})
+    return pd.DataFrame(rows, columns=["run_id", "label", "protocol", "eval_task", "before_any", "after_previous"])
+
+
+# ---------------------------------------------------------------- masks
+def mask_overlap_table(records) -> pd.DataFrame:
+    """masks.parquet of every run that has one (MASK_COLUMNS) with run_id and label."""
+    frames = [rec.masks.assign(run_id=rec.run_id, label=run_label(rec))
+              for rec in records if rec.masks is not None and not rec.masks.empty]
+    cols = ["run_id", "label", *runs.MASK_COLUMNS]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def read_mask_counts(rec) -> pd.DataFrame:
+    """mask_counts.parquet of a continual ALKN run (task, name, layer, module, active, numel), or empty.
+    A corrupt file becomes an entry in rec.errors, like the files RunRecord reads."""
+    path = Path(rec.path) / MASK_COUNTS
+    if not path.exists():
+        return pd.DataFrame()
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # corrupt file: report, keep going
+        rec.errors.append(f"{path}: unreadable ({type(e).__name__}: {e})")
+        return pd.DataFrame()
+
+
+def layer_active_table(counts: pd.DataFrame, by: str = "layer") -> pd.DataFrame:
+    """Active fraction of each task mask per group of tensors (from mask_counts.parquet).
+
+    by="layer": groups 'layer.<i>' (tensors outside the blocks: 'module.<type>'); by="module":
+    'module.<type>' (attn, mlp, norm, embed, lm_head). Columns: task, group, active_fraction."""
+    if by not in ("layer", "module"):
+        raise ValueError(f"layer_active_table: by={by!r}; valid: 'layer', 'module'")
+    if counts.empty:
+        return pd.DataFrame(columns=["task", "group", "active_fraction"])
+    c = counts.copy()
+    c["group"] = [f"layer.{int(l)}" if by == "layer" and pd.notna(l) else f"module.{m}"
+                  for l, m in zip(c["layer"], c["module"])]
+    g = c.groupby(["task", "group"], as_index=False)[["active", "numel"]].sum()
+    g["active_fraction"] = g["active"] / g["numel"]
+    return g[["task", "group", "active_fraction"]]
+
+
+TASK_DIAGNOSTICS = ["active_fraction", "tv_moved_fraction", "mask_jaccard_prev", "update_norm",
+                    "predicted_retain_change", "lr"]
+
+
+def task_diagnostics_table(records) -> pd.DataFrame:
+    """Per continual run and task: the task diagnostics of its utility record, plus realised task-vector
+    sparsity = 1 - tv_moved_fraction. Columns: run_id, label, protocol, task, <diagnostics>, tv_sparsity."""
+    long = continual_table(records)
+    long = long[long["eval_task"].isna() & (long["task"] >= 0) & long["metric"].isin(TASK_DIAGNOSTICS)]
+    if long.empty:
+        return pd.DataFrame(columns=["run_id", "label", "protocol", "task", *TASK_DIAGNOSTICS, "tv_sparsity"])
+    wide = long.pivot_table(index=["run_id", "label", "protocol", "task"], columns="metric", values="value",
+                            aggfunc="last").reset_index()
+    wide.columns.name = None
+    if "tv_moved_fraction" in wide:
+        wide["tv_sparsity"] = 1 - wide["tv_moved_fraction"]
+    return wide
+
+
+# ---------------------------------------------------------------- per-row inspection
+ROW_COLUMNS = ["question", "answer", "generation", "rouge", "prob", "truth_ratio"]
+
+
+def generations_table(runs_rows, set_name: str, row: int) -> pd.DataFrame:
+    """One row per (run, checkpoint, step) holding that question's generation.
+
+    runs_rows: list of (record, rows DataFrame). Columns: label, checkpoint, task, step, question,
+    answer, generation, rouge, prob, truth_ratio (those present), run_id."""
+    frames = []
+    for rec, rows in runs_rows:
+        if rows is None or rows.empty or "set" not in rows or "row" not in rows:
+            continue
+        g = rows[(rows["set"] == set_name) & (rows["row"] == row)]
+        if g.empty:
+            continue
+        keep = [c for c in ["checkpoint", "task", "step", *ROW_COLUMNS] if c in g]
+        frames.append(g[keep].assign(label=run_label(rec), run_id=rec.run_id))
+    if not frames:
+        return pd.DataFrame(columns=["label", "checkpoint", "step", *ROW_COLUMNS, "run_id"])
+    df = pd.concat(frames, ignore_index=True)
+    # runs on the same prepared target share its 'initial' outputs: show them once, labelled as the target
+    same = [c for c in ("generation", "prob", "rouge") if c in df]
+    if "checkpoint" in df and same:
+        key = df[same].astype(str).agg("|".join, axis=1)
+        init = df["checkpoint"] == "initial"
+        sharing = key[init].map(key[init].value_counts())
+        df.loc[sharing[sharing > 1].index, "label"] = "target (initial)"
+        df = df[~(init & key.where(init).duplicated())]
+    front = ["label", "checkpoint", *[c for c in ("task", "step") if c in df]]
+    return df[front + [c for c in df.columns if c not in front]].reset_index(drop=True)
+
+
+def task_table(rec, per_task=("forget_rouge", "forget_prob", "forget_quality"),
+               utility=("model_utility", "model_utility_trouge", "trouge", "knowmem_retain_rouge_f1",
+                        "active_fraction", "tv_moved_fraction", "lr")) -> pd.DataFrame:
+    """One continual run as a table: a row per checkpoint ('initial', 'after 0', ...), utility columns and
+    one column per (metric, evaluated task), e.g. forget_rouge[1]. Same layout as lab.continual.task_table,
+    without importing torch."""
+    long = continual_table([rec])
+    if long.empty:
+        return pd.DataFrame()
+    util = long[long["eval_task"].isna() & long["metric"].isin(utility)]
+    wide = util.pivot_table(index="task", columns="metric", values="value", aggfunc="last")
+    wide = wide[[m for m in utility if m in wide.columns]]
+    per = long[long["eval_task"].notna() & long["metric"].isin(per_task)]
+    for metric in per_task:
+        m = per[per["metric"] == metric]
+        if m.empty:
+            continue
+        w = m.pivot_table(index="task", columns="eval_task", values="value", aggfunc="last")
+        w.columns = [f"{metric}[{int(k)}]" for k in w.columns]
+        wide = wide.join(w, how="outer")
+    wide.index = [_checkpoint_label(t) for t in wide.index]
+    wide.index.name = "checkpoint"
+    wide.columns.name = None
+    return wide
