@@ -492,7 +492,7 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
                 masks.save_mask(run.path / "masks" / f"task_{t}.npz", mask, names)
                 run.log_masks(masks.overlap_table(task_masks, names))
                 counts = pd.concat([masks.mask_counts(task_masks[k], names, task=k) for k in sorted(task_masks)])
-                runs.atomic_write_parquet(run.path / "mask_counts.parquet", counts)
+                runs.atomic_write_parquet(run.path / runs.MASK_COUNTS, counts)
                 if cfg.protocol == "sequential":
                     union_mask = mask if union_mask is None else masks.union(union_mask, mask)
             e0 = time.time()

@@ -8,6 +8,7 @@ A run is a folder `runs/<run_id>/` of plain files:
     eval_rows.parquet  per-row evaluation outputs (question, answer, generation, prob, rouge, ...)
     summary.json       status ("running" | "done" | "failed" | "diverged"), final metrics, timings
     masks.parquet      continual runs: mask overlap between tasks (columns MASK_COLUMNS)
+    mask_counts.parquet  continual ALKN runs: active coordinates per task and tensor (lab.masks.mask_counts)
 
 Every file is written atomically (temp file in the same folder + os.replace), so a reader never sees a
 half-written file. A run that fails before it produced anything is removed; a run stopped by a
@@ -30,8 +31,9 @@ import yaml
 
 import lab
 
-CONFIG, TRACE, EVAL, EVAL_ROWS, SUMMARY, MASKS = (
-    "config.yaml", "trace.parquet", "eval.jsonl", "eval_rows.parquet", "summary.json", "masks.parquet")
+CONFIG, TRACE, EVAL, EVAL_ROWS, SUMMARY, MASKS, MASK_COUNTS = (
+    "config.yaml", "trace.parquet", "eval.jsonl", "eval_rows.parquet", "summary.json", "masks.parquet",
+    "mask_counts.parquet")
 
 # Trace columns every step (METHODS §7). Method-specific extras (GRU cos_pre/cos_post/projected, NGDiff
 # c_t, BLUR xi, ...) are added by the engine; the dashboard imports this list to know what to plot.
@@ -248,7 +250,6 @@ class RunRecord:
         self.trace = self._read(TRACE, pd.read_parquet, pd.DataFrame(), required=False)
         self.evals = self._read(EVAL, _read_jsonl, pd.DataFrame(), required=False)
         self.masks = self._read(MASKS, pd.read_parquet, pd.DataFrame(), required=False)
-        self._rows_path = self.path / EVAL_ROWS
 
     def _read(self, name, reader, default, required=True):
         p = self.path / name
@@ -265,13 +266,19 @@ class RunRecord:
     @property
     def rows(self) -> pd.DataFrame:
         """Per-row eval outputs (read lazily: they can be large)."""
-        if not self._rows_path.exists():
-            return pd.DataFrame()
-        try:
-            return pd.read_parquet(self._rows_path)
-        except Exception as e:
-            self.errors.append(f"{self._rows_path}: unreadable ({type(e).__name__}: {e})")
-            return pd.DataFrame()
+        return self._read_lazily(EVAL_ROWS)
+
+    @property
+    def mask_counts(self) -> pd.DataFrame:
+        """Continual ALKN runs: per task and tensor active counts (task, name, layer, module, active, numel)."""
+        return self._read_lazily(MASK_COUNTS)
+
+    def _read_lazily(self, name) -> pd.DataFrame:
+        before = len(self.errors)
+        df = self._read(name, pd.read_parquet, pd.DataFrame(), required=False)
+        if len(self.errors) > before and self.errors[-1] in self.errors[:before]:
+            self.errors.pop()  # a corrupt file read twice is reported once
+        return df
 
     @property
     def status(self) -> str:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from lab import runs
 
-MASK_COUNTS = "mask_counts.parquet"   # lab.continual: per task and tensor active counts (ALKN)
+MASK_COUNTS = runs.MASK_COUNTS   # lab.continual: per task and tensor active counts (ALKN)
 
 # Metric -> True if larger is better. Decides the Pareto front and the "change from initial" sign.
 HIGHER_IS_BETTER = {
@@ -257,14 +257,7 @@ def mask_overlap_table(records) -> pd.DataFrame:
 def read_mask_counts(rec) -> pd.DataFrame:
     """mask_counts.parquet of a continual ALKN run (task, name, layer, module, active, numel), or empty.
     A corrupt file becomes an entry in rec.errors, like the files RunRecord reads."""
-    path = Path(rec.path) / MASK_COUNTS
-    if not path.exists():
-        return pd.DataFrame()
-    try:
-        return pd.read_parquet(path)
-    except Exception as e:  # corrupt file: report, keep going
-        rec.errors.append(f"{path}: unreadable ({type(e).__name__}: {e})")
-        return pd.DataFrame()
+    return rec.mask_counts
 
 
 def layer_active_table(counts: pd.DataFrame, by: str = "layer") -> pd.DataFrame:
