@@ -1,0 +1,294 @@
+"""Helpers the paper notebooks share: run a grid of methods, hold a paper's reported numbers, put ours
+beside them, and print verdicts computed from the numbers.
+
+    grid = run_grid(["gdiff(0.5)", "ngdiff"], UnlearnConfig(max_steps=10, eval_limit=10))
+    grid[["label", "status", "forget_rouge", "retain_rouge", "seconds"]]
+    paper = paper_table({"NGDiff": {"Verbmem": 0.024, "Utility": 0.747}}, table="NGDiff Table 1, Phi-1.5")
+    compare(grid, paper, on={"Verbmem": "forget_rouge", "Utility": "retain_rouge"}, rows={"ngdiff": "NGDiff"})
+    claim("NGDiff keeps more utility than GDiff-0.5", holds=u_ngdiff > u_gdiff, detail=f"{u_ngdiff:.3f} vs ...")
+
+Every run goes through lab.engine.unlearn (or lab.continual for the model-arithmetic methods `tv` and
+`tru`, as one task), so it is a run directory under base.runs_root that the dashboard reads too; the
+numbers in a grid are read back from that directory through lab.runs. A run that diverges is a normal
+event: its row says status "diverged" and the grid goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from lab import runs
+from lab.engine import UnlearnConfig, load_starting_point, unlearn
+
+# model-arithmetic methods run by lab.continual as a single task (everything else: lab.engine.unlearn)
+ARITHMETIC_METHODS = ("tv", "tru")
+ROW_KEYS = ["label", "method", "status", "seconds", "steps", "run_id", "run_dir", "error", "config_key",
+            "saved_model"]
+
+
+# ---------------------------------------------------------------- running
+def _specs(methods, overrides_per_method) -> list[tuple[str, dict]]:
+    """(label, UnlearnConfig overrides) per run. `methods` is a list of method names (label = name) or a
+    dict label -> overrides (with "method"; default the label itself)."""
+    overrides_per_method = overrides_per_method or {}
+    if isinstance(methods, str):
+        raise TypeError(f"run_grid: methods={methods!r}; pass a list of method names or a dict label -> overrides")
+    if isinstance(methods, dict):
+        specs = [(label, {"method": label, **(o or {})}) for label, o in methods.items()]
+    else:
+        specs = [(m, {"method": m}) for m in methods]
+    unknown = set(overrides_per_method) - {label for label, _ in specs}
+    if unknown:
+        raise ValueError(f"run_grid: overrides_per_method names {sorted(unknown)}, which are not in the grid; "
+                         f"valid: {[label for label, _ in specs]}")
+    labels = [label for label, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"run_grid: duplicate labels {labels}; use a dict label -> overrides")
+    return [(label, {**o, **overrides_per_method.get(label, {})}) for label, o in specs]
+
+
+def _final_metrics(run_dir) -> dict:
+    """Metrics of the last 'unlearned' evaluation of a run, read back through lab.runs. Continual runs
+    (one task) keep utility and forget metrics in separate records: merged."""
+    evals = runs.load_run(run_dir).evals
+    if evals.empty or "checkpoint" not in evals:
+        return {}
+    done = evals[evals["checkpoint"] == "unlearned"]
+    if done.empty:
+        return {}
+    if "eval_task" in done and done["eval_task"].notna().any():
+        last = done[done["task"] == done["task"].max()]
+        merged = {}
+        for _, rec in last.iterrows():
+            merged.update({k: v for k, v in rec.items() if pd.notna(v)})
+        rec = merged
+    else:
+        rec = done.iloc[-1].dropna().to_dict()
+    return {k: v for k, v in rec.items() if k not in runs.EVAL_INDEX and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+
+
+def _config(base: UnlearnConfig, overrides: dict) -> UnlearnConfig:
+    """The run's config: an UnlearnConfig, or for tv / tru a one-task ContinualConfig (lab.continual)."""
+    if overrides.get("method") in ARITHMETIC_METHODS:
+        from lab.continual import ContinualConfig
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(UnlearnConfig)}
+        return ContinualConfig(**{**fields, **overrides}, protocol="sequential", n_tasks=1,
+                               task_diagnostics=False, checkpoint=False)
+    return dataclasses.replace(base, **overrides)
+
+
+def _run_one(cfg: UnlearnConfig):
+    if cfg.method in ARITHMETIC_METHODS:
+        from lab.continual import continual
+        return continual(cfg, progress=False).run_dir
+    return unlearn(cfg, progress=False).run_dir
+
+
+def _config_key(cfg: UnlearnConfig) -> str:
+    """What makes two runs the same run (save_model only decides whether the weights are kept)."""
+    return json.dumps({**dataclasses.asdict(cfg), "save_model": None}, sort_keys=True, default=str)
+
+
+def run_grid(methods, base: UnlearnConfig, overrides_per_method: dict | None = None, progress: bool = True,
+             reuse: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One run per entry of `methods` from the config `base` (UnlearnConfig fields overridden per entry).
+
+    methods: ["ga", "gru_ga", ...] or {"GRU-GA gamma=0.1": {"method": "gru_ga", "method_args": {"gamma": 0.1}}}.
+    overrides_per_method: {label: {UnlearnConfig field: value}} applied on top.
+    reuse: rows of earlier grids; an entry whose config equals a finished run there is not run again (its
+    row comes back under the new label), unless it wants saved weights and that run did not save them.
+    Returns one row per run: label, method, status ("done" | "diverged"), seconds (wall time), steps,
+    run_id, run_dir, error, and every metric of the final "unlearned" evaluation. A diverged run keeps its
+    directory and its row (no metrics); any other failure raises."""
+    if not isinstance(base, UnlearnConfig):
+        raise TypeError(f"run_grid: base must be a lab.engine.UnlearnConfig, got {type(base).__name__}")
+    rows = []
+    earlier = {} if reuse is None or "config_key" not in reuse else {
+        k: r for k, r in zip(reuse["config_key"], reuse.to_dict("records")) if r["status"] == "done"}
+    for label, overrides in _specs(methods, overrides_per_method):
+        cfg = _config(base, overrides)
+        key = _config_key(cfg)
+        if key in earlier and (earlier[key]["saved_model"] or not cfg.save_model):
+            rows.append({**earlier[key], "label": label})
+            if progress:
+                print(f"{label:<28} reused   {earlier[key]['run_id']}")
+            continue
+        before = set(runs.find_runs(cfg.runs_root))
+        t0 = time.time()
+        row = {"label": label, "method": cfg.method, "status": "done", "error": None, "config_key": key,
+               "saved_model": cfg.save_model}
+        try:
+            run_dir = _run_one(cfg)
+        except runs.RunStopped as stop:
+            if stop.status != "diverged":   # a failure is a bug to see; divergence is a result
+                raise
+            new = sorted(set(runs.find_runs(cfg.runs_root)) - before)
+            run_dir = new[-1] if new else None
+            row.update(status=stop.status, error=str(stop))
+        row["seconds"] = round(time.time() - t0, 2)
+        row["run_dir"] = str(run_dir) if run_dir else None
+        row["run_id"] = run_dir.name if run_dir else None
+        if run_dir is not None:
+            rec = runs.load_run(run_dir)
+            row["status"] = rec.status
+            row["steps"] = rec.summary.get("steps", len(rec.trace))
+            row.update(_final_metrics(run_dir))
+        rows.append(row)
+        if progress:
+            print(f"{label:<28} {row['status']:<9} {row['seconds']:7.1f} s  {row['run_id']}")
+    df = pd.DataFrame(rows, columns=None if rows else ROW_KEYS)
+    return df[[c for c in ROW_KEYS if c in df] + [c for c in df if c not in ROW_KEYS]]
+
+
+def starting_points(base: UnlearnConfig) -> pd.DataFrame:
+    """Rows "Original" (the model before unlearning) and, on TOFU, "Retain" (the retain-only model, the
+    gold standard), evaluated on the same rows as the grid's runs (base.eval_limit)."""
+    from lab.eval import evaluate
+    model, tok, bench, reference, _, extra = load_starting_point(base)
+    kw = dict(limit=base.eval_limit, batch_size=base.eval_batch_size, progress=False)
+    out = [{"label": "Original", "status": "done", **evaluate(model, tok, bench, reference=reference, **kw)["metrics"]}]
+    if extra.get("prepared"):
+        from lab.models import load_model
+        retain, rtok = load_model(f"{extra['prepared']}/retain", device=base.device)
+        out.append({"label": "Retain", "status": "done",
+                    **evaluate(retain, rtok, bench, reference=reference, **kw)["metrics"]})
+    return pd.DataFrame(out)
+
+
+def uwc_table(grid: pd.DataFrame, base: UnlearnConfig, targets=(0.85, 0.9, 0.95), tol: float = 0.02
+              ) -> pd.DataFrame:
+    """UWC calibration (GRU App. F, lab.taskvec.uwc_calibrate) of each finished run of a grid: for each
+    utility target, the largest alpha with utility(alpha*theta_u + (1-alpha)*theta_org) >= target * the
+    original utility, then the full evaluation there. The runs must have saved their weights
+    (UnlearnConfig.save_model=True). One row per (run, target): label, target, alpha, n_evals, metrics."""
+    from lab import taskvec
+    from lab.eval import evaluate
+    from lab.models import load_model
+    model, tok, bench, reference, _, _ = load_starting_point(base)
+    params = taskvec.trainable(model)
+    theta_org = taskvec.snapshot(params)
+    last: dict = {}
+
+    def utility(m) -> float:
+        # the full evaluation (FQ included): uwc_calibrate evaluates the chosen alpha last, so `last`
+        # holds its metrics afterwards and no extra evaluation is needed
+        last.clear()
+        last.update(evaluate(m, tok, bench, reference=reference, limit=base.eval_limit,
+                             batch_size=base.eval_batch_size, progress=False)["metrics"])
+        return last["model_utility"]
+
+    original = utility(model)
+    out = []
+    for _, row in grid.iterrows():
+        if row["status"] != "done":
+            out.append({"label": row["label"], "status": row["status"]})
+            continue
+        weights = Path(row["run_dir"]) / "model"
+        if not weights.is_dir():
+            raise FileNotFoundError(f"uwc_table: no saved weights for {row['label']!r} at {weights}; "
+                                    "run the grid with save_model=True")
+        unlearned, _ = load_model(str(weights), device=base.device)
+        theta_u = taskvec.snapshot(taskvec.trainable(unlearned))
+        del unlearned
+        for target in targets:
+            res = taskvec.uwc_calibrate(model, theta_org, theta_u, utility, target=target, original=original,
+                                        tol=tol)
+            if res.history[-1][0] != res.alpha:
+                raise RuntimeError("uwc_table: uwc_calibrate did not evaluate the chosen alpha last")
+            out.append({"label": row["label"], "status": "done", "target": target, "alpha": res.alpha,
+                        "utility_goal": res.goal, "n_evals": len(res.history), **last})
+        taskvec.load_values_(params, theta_org)
+    return pd.DataFrame(out)
+
+
+def cell(df: pd.DataFrame, label: str, column: str, key: str = "label") -> float:
+    """One number of a grid (row `label`, column `column`); NaN when the run is absent, did not finish or
+    lacks the metric - so a claim built on it can say "not testable" instead of crashing."""
+    hit = df[df[key] == label] if key in df else df.iloc[0:0]
+    if hit.empty or column not in hit or ("status" in hit and hit["status"].iloc[-1] != "done"):
+        return math.nan
+    return _number(hit[column].iloc[-1])
+
+
+def traces(grid: pd.DataFrame) -> pd.DataFrame:
+    """The per-step traces of a grid's runs (lab.runs), stacked, with the grid's label column."""
+    frames = []
+    for _, row in grid.iterrows():
+        if row.get("run_dir"):
+            trace = runs.load_run(row["run_dir"]).trace
+            if not trace.empty:
+                frames.append(trace.assign(label=row["label"], method=row["method"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["label", "method", "step"])
+
+
+# ---------------------------------------------------------------- paper numbers and verdicts
+def paper_table(rows: dict, table: str) -> pd.DataFrame:
+    """Numbers typed in from a paper: {row label: {column: value}}, with the table reference kept in
+    the `source` column and in df.attrs["table"]."""
+    if not rows:
+        raise ValueError("paper_table: no rows")
+    if not table:
+        raise ValueError("paper_table: name the table, e.g. 'GRU Table 2 (Phi-1.5, 10%)'")
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "row"
+    df["source"] = table
+    df.attrs["table"] = table
+    return df
+
+
+def compare(ours: pd.DataFrame, paper: pd.DataFrame, on, rows: dict | None = None, key: str = "label"
+            ) -> pd.DataFrame:
+    """Ours next to the paper's numbers for the same cells.
+
+    on: {paper column: our column} (or a list of names both use); rows: {our label: paper row label}
+    (default: labels that are paper rows). Columns: (paper column, "ours" | "paper"), plus "paper table"."""
+    on = {c: c for c in on} if not isinstance(on, dict) else on
+    missing = [c for c in on if c not in paper.columns]
+    if missing:
+        raise ValueError(f"compare: paper columns {missing} not in {paper.attrs.get('table', 'the paper table')}; "
+                         f"valid: {[c for c in paper.columns if c != 'source']}")
+    rows = rows or {label: label for label in ours[key] if label in paper.index}
+    bad = [r for r in rows.values() if r not in paper.index]
+    if bad:
+        raise ValueError(f"compare: paper rows {bad} not in the table; valid: {list(paper.index)}")
+    ours_by = ours.set_index(key)
+    out = {}
+    for label, prow in rows.items():
+        cells = {}
+        for pcol, ocol in on.items():
+            have = label in ours_by.index and ocol in ours_by.columns
+            cells[(pcol, "ours")] = _number(ours_by.loc[label, ocol]) if have else math.nan
+            cells[(pcol, "paper")] = _number(paper.loc[prow, pcol])
+        cells[("paper table", "")] = paper.loc[prow, "source"] if "source" in paper else paper.attrs.get("table")
+        out[f"{label} ~ {prow}" if label != prow else label] = cells
+    df = pd.DataFrame.from_dict(out, orient="index")
+    df.columns = pd.MultiIndex.from_tuples(df.columns)
+    return df
+
+
+def _number(x) -> float:
+    """A cell as a float; NaN for blanks (e.g. the paper prints "-" or a run diverged)."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+VERDICTS = {True: "holds at this scale", False: "does not hold at this scale", None: "not testable at this scale"}
+
+
+def claim(text: str, holds, detail: str = "") -> dict:
+    """Print one verdict line for a paper claim and return it as a record (collect them into a table).
+    holds: a bool computed from the outputs, or None when the outputs cannot decide (e.g. nothing was
+    unlearned, a run diverged)."""
+    if holds is not None:
+        holds = bool(holds)
+    record = {"claim": text, "verdict": VERDICTS[holds], "detail": detail}
+    print(f"[{record['verdict'].upper()}] {text}" + (f" -- {detail}" if detail else ""))
+    return record

@@ -1,0 +1,144 @@
+"""lab.experiments: grids of real runs read back through lab.runs, divergence as a row, reuse of finished
+runs, tv/tru through lab.continual, UWC rows, paper tables, side-by-side comparison, computed verdicts."""
+import math
+
+import pandas as pd
+import pytest
+
+from lab import runs
+from lab.engine import UnlearnConfig
+from lab.experiments import (cell, claim, compare, paper_table, run_grid, starting_points, traces,
+                             uwc_table)
+
+
+def _base(tmp_path, **kw):
+    return UnlearnConfig(**{"runs_root": str(tmp_path / "runs"), "max_steps": 2, "eval_limit": 3, **kw})
+
+
+# ---------------------------------------------------------------- grids of real runs (tiny, cached prepare)
+def test_grid_rows_are_the_runs_and_reuse(prepared_tiny, tmp_path):
+    base = _base(tmp_path)
+    grid = run_grid({"GD": {"method": "ga_rt"}, "ngdiff": {}}, base, {"GD": {"lr": 1e-2}}, progress=False)
+    assert list(grid["label"]) == ["GD", "ngdiff"] and list(grid["method"]) == ["ga_rt", "ngdiff"]
+    assert (grid["status"] == "done").all() and (grid["seconds"] > 0).all()
+    for _, row in grid.iterrows():   # every number is the run directory's final "unlearned" record
+        rec = runs.load_run(row["run_dir"])
+        final = rec.evals[rec.evals["checkpoint"] == "unlearned"].iloc[-1]
+        for key in ("forget_rouge", "model_utility", "forget_quality"):
+            assert row[key] == pytest.approx(final[key])
+        assert row["steps"] == 2 and len(rec.trace) == 2
+    assert runs.load_run(grid.loc[0, "run_dir"]).config["lr"] == 1e-2
+    tr = traces(grid)
+    assert sorted(tr["label"].unique()) == ["GD", "ngdiff"] and len(tr) == 4 and "c_t" in tr
+
+    # the same config under a new label is not run again ...
+    again = run_grid({"GD again": {"method": "ga_rt", "lr": 1e-2}}, base, reuse=grid, progress=False)
+    assert again.loc[0, "run_id"] == grid.loc[0, "run_id"] and again.loc[0, "label"] == "GD again"
+    assert len(runs.find_runs(base.runs_root)) == 2
+    # ... unless it wants saved weights the earlier run did not keep; a different lr is a different run
+    saved = run_grid({"GD": {"method": "ga_rt", "lr": 1e-2, "save_model": True}, "GD lr": {"method": "ga_rt"}},
+                     base, reuse=grid, progress=False)
+    assert grid.loc[0, "run_id"] not in set(saved["run_id"]) and len(runs.find_runs(base.runs_root)) == 4
+    assert (tmp_path / "runs" / saved.loc[0, "run_id"] / "model").is_dir()
+
+
+def test_divergence_is_a_row_and_the_grid_goes_on(prepared_tiny, tmp_path):
+    base = _base(tmp_path, max_steps=4)
+    # plain SGD ascent with an absurd step: the weights overflow and the loss goes non-finite
+    grid = run_grid({"boom": {"method": "ga", "optimizer": "sgd", "lr": 1e12}, "ga": {}}, base, progress=False)
+    boom = grid.iloc[0]
+    assert boom["status"] == "diverged" and "diverged" in boom["error"]
+    assert runs.load_run(boom["run_dir"]).status == "diverged"
+    assert math.isnan(cell(grid, "boom", "forget_rouge"))     # no final evaluation to report
+    assert grid.iloc[1]["status"] == "done" and not math.isnan(cell(grid, "ga", "forget_rouge"))
+
+
+def test_arithmetic_methods_run_as_one_continual_task(prepared_tiny, tmp_path):
+    grid = run_grid({"TV": {"method": "tv", "method_args": {"lam": 1.0}}}, _base(tmp_path), progress=False)
+    row = grid.iloc[0]
+    assert row["status"] == "done"
+    rec = runs.load_run(row["run_dir"])
+    assert rec.config["kind"] == "continual" and rec.config["n_tasks"] == 1
+    for key in ("model_utility", "forget_quality", "forget_rouge"):   # utility and task records merged
+        assert not math.isnan(row[key])
+
+
+def test_starting_points_and_uwc(prepared_tiny, tmp_path):
+    base = _base(tmp_path)
+    start = starting_points(base)
+    assert list(start["label"]) == ["Original", "Retain"]
+    # the target memorised the forget set, the retain model never saw it
+    assert cell(start, "Original", "forget_rouge") > cell(start, "Retain", "forget_rouge")
+
+    # 3 ascent steps cost utility below 90 % of the original: the bisection lands strictly inside (0, 1)
+    grid = run_grid({"GA": {"method": "ga", "lr": 3e-3, "max_steps": 3, "save_model": True}}, base, progress=False)
+    assert grid.loc[0, "model_utility"] < 0.9 * cell(start, "Original", "model_utility")
+    uwc = uwc_table(grid, base, targets=(0.9,), tol=0.1)
+    row = uwc.iloc[0]
+    assert row["label"] == "GA" and 0.0 < row["alpha"] < 1.0 and row["n_evals"] > 2
+    # the calibrated model meets the utility target on the rows it was calibrated on
+    assert row["model_utility"] >= row["utility_goal"] - 1e-9
+    with pytest.raises(FileNotFoundError, match="save_model=True"):
+        uwc_table(run_grid(["ga"], base, progress=False), base, targets=(0.9,))
+
+
+def test_run_grid_argument_errors(tmp_path):
+    base = _base(tmp_path)
+    with pytest.raises(TypeError, match="list of method names"):
+        run_grid("ga", base)
+    with pytest.raises(TypeError, match="UnlearnConfig"):
+        run_grid(["ga"], {"method": "ga"})
+    with pytest.raises(ValueError, match="not in the grid"):
+        run_grid(["ga"], base, {"npo": {"lr": 1.0}})
+    with pytest.raises(ValueError, match="duplicate labels"):
+        run_grid(["ga", "ga"], base)
+    with pytest.raises(ValueError, match="unknown method"):
+        run_grid({"x": {"method": "no_such_method"}}, base)
+    assert list(run_grid([], base).columns)[:3] == ["label", "method", "status"]
+
+
+# ---------------------------------------------------------------- paper numbers and verdicts
+def test_paper_table_keeps_its_reference():
+    t = paper_table({"NGDiff": {"Verbmem": 0.024, "Utility": 0.747}}, table="NGDiff Table 1 (Phi-1.5)")
+    assert t.loc["NGDiff", "Verbmem"] == 0.024 and t.loc["NGDiff", "source"] == "NGDiff Table 1 (Phi-1.5)"
+    assert t.attrs["table"] == "NGDiff Table 1 (Phi-1.5)"
+    with pytest.raises(ValueError, match="name the table"):
+        paper_table({"a": {"x": 1}}, table="")
+    with pytest.raises(ValueError, match="no rows"):
+        paper_table({}, table="T")
+
+
+def test_compare_side_by_side():
+    ours = pd.DataFrame({"label": ["ngdiff", "npo", "Original"], "forget_rouge": [0.3, 0.1, 1.0],
+                         "retain_rouge": [0.9, 0.2, 1.0], "status": ["done"] * 3})
+    paper = paper_table({"NGDiff": {"Verbmem": 0.024, "Utility": 0.747}, "NPO": {"Verbmem": 0.0, "Utility": "-"},
+                         "No-unlearn": {"Verbmem": 1.0, "Utility": 1.0}}, table="T1")
+    out = compare(ours, paper, on={"Verbmem": "forget_rouge", "Utility": "retain_rouge"},
+                  rows={"ngdiff": "NGDiff", "npo": "NPO"})
+    assert list(out.index) == ["ngdiff ~ NGDiff", "npo ~ NPO"]
+    assert out.loc["ngdiff ~ NGDiff", ("Verbmem", "ours")] == 0.3
+    assert out.loc["ngdiff ~ NGDiff", ("Utility", "paper")] == 0.747
+    assert math.isnan(out.loc["npo ~ NPO", ("Utility", "paper")])     # the paper prints "-"
+    assert out.loc["npo ~ NPO", ("paper table", "")] == "T1"
+    same = compare(ours.assign(label=["NGDiff", "NPO", "x"]), paper, on={"Verbmem": "forget_rouge"})
+    assert list(same.index) == ["NGDiff", "NPO"]                      # default: labels that are paper rows
+    with pytest.raises(ValueError, match="paper columns"):
+        compare(ours, paper, on={"FQ": "forget_quality"})
+    with pytest.raises(ValueError, match="paper rows"):
+        compare(ours, paper, on=["Verbmem"], rows={"ngdiff": "GA"})
+
+
+def test_claim_prints_a_computed_verdict(capsys):
+    rec = claim("x beats y", 0.5 > 0.3, "0.5 vs 0.3")
+    assert rec == {"claim": "x beats y", "verdict": "holds at this scale", "detail": "0.5 vs 0.3"}
+    assert capsys.readouterr().out.startswith("[HOLDS AT THIS SCALE] x beats y -- 0.5 vs 0.3")
+    import numpy as np
+    assert claim("y beats x", np.float64(0.3) > 0.5)["verdict"] == "does not hold at this scale"
+    assert claim("needs a run", None, "not run")["verdict"] == "not testable at this scale"
+
+
+def test_cell_lookup():
+    df = pd.DataFrame({"label": ["a", "b"], "status": ["done", "diverged"], "m": [1.5, 2.0]})
+    assert cell(df, "a", "m") == 1.5
+    assert math.isnan(cell(df, "b", "m"))        # did not finish
+    assert math.isnan(cell(df, "c", "m")) and math.isnan(cell(df, "a", "other"))
