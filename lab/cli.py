@@ -338,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: argparse's REMAINDER does not pass on --options
+        from lab import bench
+        bench.main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

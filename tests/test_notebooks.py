@@ -1,0 +1,75 @@
+"""Every notebooks/*.ipynb: stored clean (no outputs, one literal-only `parameters` cell, notebook_setup first),
+a smoke / demo / gpu parameter file whose keys are all parameters of the notebook, and - slow - a real
+execution of the smoke profile through lab.report.run_notebook: no cell error, an HTML report with the
+plotly figures inline, and run directories that lab.runs reads back."""
+import ast
+
+import nbformat
+import pytest
+
+from lab import report, runs
+
+NAMES = report.list_notebooks()
+PROFILES = ("smoke", "demo", "gpu")
+
+
+def test_the_notebooks_exist():
+    assert {"00_quickstart", "alkn_continual"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_without_outputs_with_one_literal_parameters_cell(name):
+    nb = nbformat.read(report.notebook_path(name), as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    dirty = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
+    assert not dirty, f"{name}: code cells {dirty} have stored outputs / execution counts (strip them)"
+    index, source = report.parameters_cell(nb, name)                  # exactly one
+    params = report.parse_parameters(source, name)                    # literal assignments only
+    assert "runs_root" in params and params["runs_root"] == "runs"   # run dirs where the dashboard looks
+    later = [c for c in nb.cells[index + 1:] if c.cell_type == "code"]
+    calls = {n.func.id if isinstance(n.func, ast.Name) else n.func.attr
+             for n in ast.walk(ast.parse(later[0].source)) if isinstance(n, ast.Call)}
+    assert "notebook_setup" in calls, f"{name}: the first code cell after the parameters must call notebook_setup()"
+    assert all(c.get("id") for c in nb.cells)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_profile_file_exists_and_names_only_parameters(name, profile):
+    assert profile in report.list_profiles(name), f"missing notebooks/params/{profile}/{name}.yaml"
+    values = report.profile_parameters(name, profile)       # ValueError on a key the notebook does not define
+    assert values, f"notebooks/params/{profile}/{name}.yaml is empty"
+
+
+def test_a_typo_in_a_profile_file_fails(tmp_path):
+    """The check above can fail: a copy of a real notebook with a misspelt key in its smoke file."""
+    name = NAMES[0]
+    (tmp_path / "params" / "smoke").mkdir(parents=True)
+    (tmp_path / f"{name}.ipynb").write_bytes(report.notebook_path(name).read_bytes())
+    (tmp_path / "params" / "smoke" / f"{name}.yaml").write_text("runs_rot: elsewhere\n")
+    with pytest.raises(ValueError, match=r"unknown parameters \['runs_rot'\]"):
+        report.profile_parameters(name, "smoke", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_profile_executes(name, prepared_tiny, tmp_path):
+    ipynb, html = report.run_notebook(name, profile="smoke", out=tmp_path, runs_root=tmp_path / "runs")
+    nb = nbformat.read(ipynb, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert figures, f"{name}: no plotly figure"
+    page = html.read_text()
+    assert "plotly.js v" in page and page.count("Plotly.newPlot") >= len(figures)   # library + figures inline
+    assert '<script src="http' not in page
+    found = runs.find_runs(tmp_path / "runs")
+    assert found, f"{name}: no run directory under its runs_root"
+    for path in found:
+        rec = runs.load_run(path)
+        assert not rec.errors and rec.status in ("done", "diverged"), (path, rec.errors, rec.status)
+        assert not rec.evals.empty
+    listed = runs.list_runs(tmp_path / "runs")
+    assert len(listed) == len(found) and listed["method"].notna().all()
