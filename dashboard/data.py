@@ -91,6 +91,25 @@ def continual_records() -> tuple[list[runs.RunRecord], list[runs.RunRecord]]:
     return [r for r, k in zip(recs, kind) if k == "continual"], [r for r, k in zip(recs, kind) if not k]
 
 
+def selection_or_stop() -> list[runs.RunRecord]:
+    """The page prologue: the picked runs with their problems warned about; stops the page if none."""
+    records = selected_records()
+    if not records:
+        st.info("Pick runs in the sidebar.")
+        st.stop()
+    warn_problems(records)
+    return records
+
+
+def trace_or_stop(records) -> pd.DataFrame:
+    """All trace rows of the runs (runs_views.trace_table); stops the page if there are none yet."""
+    trace = runs_views.trace_table(records)
+    if trace.empty:
+        st.info("The selected runs have no trace rows yet.")
+        st.stop()
+    return trace
+
+
 def warn_problems(records) -> None:
     """One warning per selected run that is broken, still being written or not finished cleanly."""
     for rec in records:

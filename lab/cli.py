@@ -93,30 +93,35 @@ def cmd_runs(args) -> None:
                   .to_string(float_format=lambda x: f"{x:.4g}"))
 
 
-def cmd_unlearn(args) -> None:
-    from lab.engine import UnlearnConfig, unlearn
+def _config_from_args(args, config_class, flag_keys) -> dict:
+    """--config YAML, then the flags that were given, then --set K=V; unknown keys name the valid ones."""
+    import dataclasses
     cfg = {}
     if args.config:
         import yaml
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
         if not isinstance(cfg, dict):
-            raise ValueError(f"{args.config}: expected a mapping of UnlearnConfig fields")
-    for key in ("method", "model", "benchmark", "seed", "lr", "epochs", "max_steps", "batch_size",
-                "micro_batch_size", "eval_every", "eval_limit", "diagnostics"):
-        value = getattr(args, key)
-        if value is not None:
-            cfg[key] = value
+            raise ValueError(f"{args.config}: expected a mapping of {config_class.__name__} fields")
+    cfg.update({key: getattr(args, key) for key in flag_keys if getattr(args, key) is not None})
     cfg["runs_root"] = args.runs
     if args.bench_opt:
         cfg["benchmark_kwargs"] = {**cfg.get("benchmark_kwargs", {}), **_kv(args.bench_opt)}
     if args.arg:
         cfg["method_args"] = {**cfg.get("method_args", {}), **_kv(args.arg)}
     cfg.update(_kv(args.set))
-    fields = {f.name for f in __import__("dataclasses").fields(UnlearnConfig)}
+    fields = {f.name for f in dataclasses.fields(config_class)}
     unknown = set(cfg) - fields
     if unknown:
         raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(fields)}")
+    return cfg
+
+
+def cmd_unlearn(args) -> None:
+    from lab.engine import UnlearnConfig, unlearn
+    cfg = _config_from_args(args, UnlearnConfig, (
+        "method", "model", "benchmark", "seed", "lr", "epochs", "max_steps", "batch_size",
+        "micro_batch_size", "eval_every", "eval_limit", "diagnostics"))
     result = unlearn(cfg)
     print(f"run: {result.run_dir}")
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
@@ -127,29 +132,9 @@ def cmd_continual(args) -> None:
     if args.resume:
         result = continual(resume=args.resume)
     else:
-        cfg = {}
-        if args.config:
-            import yaml
-            with open(args.config) as f:
-                cfg = yaml.safe_load(f) or {}
-            if not isinstance(cfg, dict):
-                raise ValueError(f"{args.config}: expected a mapping of ContinualConfig fields")
-        for key in ("method", "protocol", "model", "benchmark", "seed", "lr", "lr_decay", "epochs", "max_steps",
-                    "batch_size", "n_tasks", "task_unit", "eval_limit"):
-            value = getattr(args, key)
-            if value is not None:
-                cfg[key] = value
-        cfg["runs_root"] = args.runs
-        if args.bench_opt:
-            cfg["benchmark_kwargs"] = {**cfg.get("benchmark_kwargs", {}), **_kv(args.bench_opt)}
-        if args.arg:
-            cfg["method_args"] = {**cfg.get("method_args", {}), **_kv(args.arg)}
-        cfg.update(_kv(args.set))
-        fields = {f.name for f in __import__("dataclasses").fields(ContinualConfig)}
-        unknown = set(cfg) - fields
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(fields)}")
-        result = continual(cfg)
+        result = continual(_config_from_args(args, ContinualConfig, (
+            "method", "protocol", "model", "benchmark", "seed", "lr", "lr_decay", "epochs", "max_steps",
+            "batch_size", "n_tasks", "task_unit", "eval_limit")))
     import pandas as pd
     print(f"run: {result.run_dir}")
     with pd.option_context("display.width", 250, "display.max_columns", 60):

@@ -3,18 +3,10 @@ method: A > 0 means the step improves that objective to first order."""
 import streamlit as st
 
 from dashboard import data, figures
-from lab import runs_views
 
 st.title("Alignment")
-records = data.selected_records()
-if not records:
-    st.info("Pick runs in the sidebar.")
-    st.stop()
-data.warn_problems(records)
-trace = runs_views.trace_table(records)
-if trace.empty:
-    st.info("The selected runs have no trace rows yet.")
-    st.stop()
+records = data.selection_or_stop()
+trace = data.trace_or_stop(records)
 c1, c2 = st.columns([3, 2])
 window = c1.slider("Smoothing (moving average over diagnosed steps)", 1, 25, 1, key="alignment_smoothing")
 scale = c2.radio("y scale", figures.ALIGN_SCALES, index=1, horizontal=True, key="alignment_scale",

@@ -3,18 +3,10 @@ gradient norms and the lr with AutoLR probes (METHODS §7)."""
 import streamlit as st
 
 from dashboard import data, figures
-from lab import runs_views
 
 st.title("Gradient geometry")
-records = data.selected_records()
-if not records:
-    st.info("Pick runs in the sidebar.")
-    st.stop()
-data.warn_problems(records)
-trace = runs_views.trace_table(records)
-if trace.empty:
-    st.info("The selected runs have no trace rows yet.")
-    st.stop()
+records = data.selection_or_stop()
+trace = data.trace_or_stop(records)
 window = st.slider("Smoothing (moving average over diagnosed steps)", 1, 25, 1, key="geometry_smoothing",
                    help="diagnostics every k steps: only the measured steps are averaged")
 st.caption("Forget-only methods (GA, NPO, ...) get g_r from a retain NLL gradient measured beside them on "

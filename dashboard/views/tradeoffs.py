@@ -6,11 +6,7 @@ from dashboard import data, figures
 from lab import runs_views
 
 st.title("Trade-offs")
-records = data.selected_records()
-if not records:
-    st.info("Pick runs in the sidebar.")
-    st.stop()
-data.warn_problems(records)
+records = data.selection_or_stop()
 
 
 def present(metrics):
