@@ -18,6 +18,19 @@ from lab import runs_views
 from dashboard_fixtures import dashboard_runs  # noqa: F401  (session fixture)
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+def _keep_main_module():
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
+# streamlit's script runner installs the app as sys.modules["__main__"] and leaves it there; a later
+# multiprocessing spawn in the same worker (the DDP tests) would then re-run the app as its main.
+# Module scope: set up before the module-scoped app_pages fixture renders; function scope: after each test.
+_restore_main_module = pytest.fixture(scope="module", autouse=True)(_keep_main_module)
+_restore_main_after_test = pytest.fixture(autouse=True)(_keep_main_module)
+
+
 PAGES = {  # page file -> number of plotly charts with the full fixture selection
     "overview": 2, "geometry": 3, "alignment": 2, "tradeoffs": 1, "continual": 3, "masks": 4, "rows": 0}
 
