@@ -51,6 +51,8 @@ import torch
 from lab import alkn, geometry, masks, runs, taskvec
 from lab.engine import DEFAULT_LR, Diverged, LoopState, UnlearnConfig, load_starting_point, unlearning_loop
 from lab.methods import get_method
+# the per-task table is pure pandas, shared with the dashboard (which must not import torch)
+from lab.runs_views import TABLE_PER_TASK, TABLE_UTILITY, evals_task_table as task_table  # noqa: F401
 
 PROTOCOLS = ("sequential", "independent", "joint")
 TASK_UNITS = ("author", "rows")
@@ -515,30 +517,3 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
         run.write_summary(metrics={str(k): v for k, v in final.items()}, steps=global_step,
                           seconds=round(time.time() - t_start, 2), n_tasks=len(tasks))
     return ContinualResult(run.path, model, tok, evals, table, config)
-
-
-# ---------------------------------------------------------------- tables
-TABLE_UTILITY = ["model_utility", "model_utility_trouge", "trouge", "verbmem_rouge_f1", "knowmem_forget_rouge_f1",
-                 "knowmem_retain_rouge_f1",
-                 "active_fraction", "tv_moved_fraction", "predicted_retain_change", "lr"]
-TABLE_PER_TASK = ["forget_rouge", "forget_prob", "forget_quality"]
-
-
-def task_table(evals: pd.DataFrame, per_task=TABLE_PER_TASK, utility=TABLE_UTILITY) -> pd.DataFrame:
-    """Per-task table of a continual run's eval records: one row per checkpoint ('initial', 'after 0',
-    ...), utility columns and, per metric, one column per evaluated task (e.g. forget_rouge[2])."""
-    if evals.empty or "eval_task" not in evals:
-        return pd.DataFrame()
-    label = lambda t: "initial" if t < 0 else f"after {int(t)}"  # noqa: E731
-    util = evals[evals["eval_task"].isna()].drop_duplicates("task", keep="last").set_index("task")
-    out = util[[c for c in utility if c in util.columns and util[c].notna().any()]].copy()
-    per = evals[evals["eval_task"].notna()]
-    for metric in per_task:
-        if metric not in per or per[metric].isna().all():
-            continue
-        wide = per.pivot_table(index="task", columns="eval_task", values=metric, aggfunc="last")
-        wide.columns = [f"{metric}[{int(k)}]" for k in wide.columns]
-        out = out.join(wide, how="outer")
-    out.index = [label(t) for t in out.index]
-    out.index.name = "checkpoint"
-    return out

@@ -17,7 +17,6 @@ status, errors, like lab.runs.RunRecord) and returns a long or wide DataFrame:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 
@@ -329,27 +328,34 @@ def generations_table(runs_rows, set_name: str, row: int) -> pd.DataFrame:
     return df[front + [c for c in df.columns if c not in front]].reset_index(drop=True)
 
 
-def task_table(rec, per_task=("forget_rouge", "forget_prob", "forget_quality"),
-               utility=("model_utility", "model_utility_trouge", "trouge", "knowmem_retain_rouge_f1",
-                        "active_fraction", "tv_moved_fraction", "lr")) -> pd.DataFrame:
-    """One continual run as a table: a row per checkpoint ('initial', 'after 0', ...), utility columns and
-    one column per (metric, evaluated task), e.g. forget_rouge[1]. Same layout as lab.continual.task_table,
-    without importing torch."""
-    long = continual_table([rec])
-    if long.empty:
+TABLE_UTILITY = ["model_utility", "model_utility_trouge", "trouge", "verbmem_rouge_f1", "knowmem_forget_rouge_f1",
+                 "knowmem_retain_rouge_f1",
+                 "active_fraction", "tv_moved_fraction", "predicted_retain_change", "lr"]
+TABLE_PER_TASK = ["forget_rouge", "forget_prob", "forget_quality"]
+
+
+def evals_task_table(evals: pd.DataFrame, per_task=TABLE_PER_TASK, utility=TABLE_UTILITY) -> pd.DataFrame:
+    """Per-task table of a continual run's eval records: one row per checkpoint ('initial', 'after 0',
+    ...), utility columns and, per metric, one column per evaluated task (e.g. forget_rouge[2])."""
+    if evals.empty or "eval_task" not in evals:
         return pd.DataFrame()
-    util = long[long["eval_task"].isna() & long["metric"].isin(utility)]
-    wide = util.pivot_table(index="task", columns="metric", values="value", aggfunc="last")
-    wide = wide[[m for m in utility if m in wide.columns]]
-    per = long[long["eval_task"].notna() & long["metric"].isin(per_task)]
+    label = lambda t: "initial" if t < 0 else f"after {int(t)}"  # noqa: E731
+    util = evals[evals["eval_task"].isna()].drop_duplicates("task", keep="last").set_index("task")
+    out = util[[c for c in utility if c in util.columns and util[c].notna().any()]].copy()
+    per = evals[evals["eval_task"].notna()]
     for metric in per_task:
-        m = per[per["metric"] == metric]
-        if m.empty:
+        if metric not in per or per[metric].isna().all():
             continue
-        w = m.pivot_table(index="task", columns="eval_task", values="value", aggfunc="last")
-        w.columns = [f"{metric}[{int(k)}]" for k in w.columns]
-        wide = wide.join(w, how="outer")
-    wide.index = [_checkpoint_label(t) for t in wide.index]
-    wide.index.name = "checkpoint"
-    wide.columns.name = None
-    return wide
+        wide = per.pivot_table(index="task", columns="eval_task", values=metric, aggfunc="last")
+        wide.columns = [f"{metric}[{int(k)}]" for k in wide.columns]
+        out = out.join(wide, how="outer")
+    out.index = [label(t) for t in out.index]
+    out.index.name = "checkpoint"
+    return out
+
+
+def task_table(rec, per_task=TABLE_PER_TASK, utility=TABLE_UTILITY) -> pd.DataFrame:
+    """evals_task_table of one continual run (empty for other kinds of run)."""
+    if (rec.config or {}).get("kind") != "continual" or rec.evals is None:
+        return pd.DataFrame()
+    return evals_task_table(rec.evals, per_task, utility)
