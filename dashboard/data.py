@@ -110,6 +110,17 @@ def trace_or_stop(records) -> pd.DataFrame:
     return trace
 
 
+def continual_selection_or_stop(empty_message: str) -> list[runs.RunRecord]:
+    """The picked continual runs (problems warned about, also of runs of unknown kind); stops if none."""
+    records, unknown_kind = continual_records()
+    warn_problems(unknown_kind)
+    if not records:
+        st.info(empty_message)
+        st.stop()
+    warn_problems(records)
+    return records
+
+
 def warn_problems(records) -> None:
     """One warning per selected run that is broken, still being written or not finished cleanly."""
     for rec in records:

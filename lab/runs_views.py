@@ -62,14 +62,18 @@ def _meta(rec) -> dict:
 
 
 # ---------------------------------------------------------------- per-run summary
-def final_record(rec) -> dict:
-    """The last utility-level 'unlearned' eval record of a run (continual: after the last task), or {}."""
+def _utility_records(rec, checkpoint: str) -> pd.DataFrame:
+    """A run's utility-level eval records (eval_task empty) at one checkpoint."""
     ev = rec.evals
     if ev is None or ev.empty or "checkpoint" not in ev:
-        return {}
-    ev = ev[ev["checkpoint"] == "unlearned"]
-    if "eval_task" in ev:
-        ev = ev[ev["eval_task"].isna()]
+        return pd.DataFrame()
+    ev = ev[ev["checkpoint"] == checkpoint]
+    return ev[ev["eval_task"].isna()] if "eval_task" in ev else ev
+
+
+def final_record(rec) -> dict:
+    """The last utility-level 'unlearned' eval record of a run (continual: after the last task), or {}."""
+    ev = _utility_records(rec, "unlearned")
     if ev.empty:
         return {}
     order = [c for c in ("task", "step") if c in ev]
@@ -77,12 +81,7 @@ def final_record(rec) -> dict:
 
 
 def initial_record(rec) -> dict:
-    ev = rec.evals
-    if ev is None or ev.empty or "checkpoint" not in ev:
-        return {}
-    ev = ev[ev["checkpoint"] == "initial"]
-    if "eval_task" in ev:
-        ev = ev[ev["eval_task"].isna()]
+    ev = _utility_records(rec, "initial")
     return ev.iloc[-1].dropna().to_dict() if len(ev) else {}
 
 

@@ -6,12 +6,7 @@ from dashboard import data, figures
 from lab import runs_views
 
 st.title("Continual unlearning")
-records, unknown_kind = data.continual_records()
-data.warn_problems(unknown_kind)
-if not records:
-    st.info("No continual runs among the selection (create one with `lab continual`).")
-    st.stop()
-data.warn_problems(records)
+records = data.continual_selection_or_stop("No continual runs among the selection (create one with `lab continual`).")
 long = runs_views.continual_table(records)
 if long.empty:
     st.info("The selected continual runs have no evaluation records yet.")

@@ -6,12 +6,7 @@ from dashboard import data, figures
 from lab import runs_views
 
 st.title("Mask overlap")
-records, unknown_kind = data.continual_records()
-data.warn_problems(unknown_kind)
-if not records:
-    st.info("No continual runs among the selection: masks come from `lab continual` (ALKN methods).")
-    st.stop()
-data.warn_problems(records)
+records = data.continual_selection_or_stop("No continual runs among the selection: masks come from `lab continual` (ALKN methods).")
 
 diag = runs_views.task_diagnostics_table(records)
 st.plotly_chart(figures.task_fraction_figure(diag), width="stretch")
