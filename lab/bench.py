@@ -4,7 +4,8 @@
 
 All variants run in ONE process on the same model and the same batches, interleaved round-robin so
 machine noise hits them alike; times are medians over rounds, reported as ratios to the floor step:
-fwd+bwd on the forget batch, fwd+bwd on the retain batch, optimizer step, nothing else. Peak memory
+fwd+bwd on the forget batch, fwd+bwd on the retain batch, optimizer step, nothing else; each "+diag"
+variant (trace geometry every step) also as a ratio to the same method untraced. Peak memory
 (bytes allocated during one step above what was live before it) is reported as the delta to the floor
 in units of the model's parameter size. Writes a table and a JSON file.
 """
@@ -115,6 +116,10 @@ def run_bench(model_name="tiny", rounds=20, warmup=3, batch_size=8, max_length=2
             entry["peak_bytes"] = peaks[label]
             entry["peak_delta_params"] = (peaks[label] - peaks["floor"]) / param_bytes
         result["variants"][label] = entry
+    for label, entry in result["variants"].items():  # what tracing costs: X+diag over X
+        base = result["variants"].get(label.removesuffix("+diag"))
+        if label.endswith("+diag") and base is not None:
+            entry["ratio_to_untraced"] = entry["median_seconds"] / base["median_seconds"]
     return result
 
 
@@ -148,11 +153,26 @@ def _peak_memory(runners, device) -> dict:
 def format_table(result: dict) -> str:
     import pandas as pd
     df = pd.DataFrame(result["variants"]).T
-    cols = [c for c in ("ratio_to_floor", "iqr_ratio", "median_seconds", "peak_delta_params") if c in df]
+    cols = [c for c in ("ratio_to_floor", "ratio_to_untraced", "iqr_ratio", "median_seconds", "peak_delta_params")
+            if c in df]
     head = (f"model={result['model']} device={result['device']} params={result['param_bytes'] / 2**20:.1f} MiB "
             f"batch={result['batch_size']}x{result['max_length']} rounds={result['rounds']} "
             f"floor={result['floor_seconds'] * 1000:.1f} ms")
     return head + "\n" + df[cols].astype(float).to_string(float_format=lambda x: f"{x:.3f}")
+
+
+def format_markdown(result: dict) -> str:
+    """The README table of a result (python -m lab.bench --markdown bench/results/tiny-cpu.json)."""
+    head = (f"`{result['model']}` ({result['param_bytes'] / 2**20:.0f} MiB fp32), batch "
+            f"{result['batch_size']}x{result['max_length']}, {result['rounds']} rounds, floor "
+            f"{result['floor_seconds'] * 1000:.0f} ms/step\n\n"
+            "| variant | time / floor | traced / untraced | IQR / floor | median ms | peak mem delta (param sizes) |\n"
+            "|---|---|---|---|---|---|\n")
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    return head + "\n".join(
+        f"| {label} | {v['ratio_to_floor']:.3f} | {fmt(v.get('ratio_to_untraced'), '.3f')} | {v['iqr_ratio']:.3f} | "
+        f"{v['median_seconds'] * 1000:.0f} | {fmt(v.get('peak_delta_params'), '+.2f')} |"
+        for label, v in result["variants"].items())
 
 
 def main(argv=None):
@@ -165,7 +185,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", default="bench/results", help="folder for <model>-<device>.json")
+    p.add_argument("--markdown", metavar="JSON", help="print the README table of a saved result and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(format_markdown(json.loads(Path(args.markdown).read_text())))
+        return
     result = run_bench(args.model, rounds=args.rounds, batch_size=args.batch_size,
                        max_length=args.max_length, device=args.device, memory=not args.no_memory)
     print(format_table(result))

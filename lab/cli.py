@@ -35,7 +35,8 @@ def _kv(items) -> dict:
 def cmd_prepare(args) -> None:
     from lab.prepare import prepare
     prepare(model=args.model, benchmark=args.benchmark, benchmark_kwargs=_kv(args.bench_opt),
-            seed=args.seed, runs_root=args.runs, force=args.force, **_kv(args.set))
+            seed=args.seed, runs_root=args.runs, force=args.force, device=args.device,
+            parallel=False if args.serial else None, **_kv(args.set))
 
 
 def cmd_eval(args) -> None:
@@ -160,10 +161,14 @@ def cmd_report(args) -> None:
     if bool(args.name) == bool(args.all):
         raise SystemExit(f"lab report: name one notebook or pass --all; notebooks: {', '.join(list_notebooks())}")
     rows = run_notebooks(None if args.all else [args.name], args.profile, out=args.out, params=_kv(args.param),
-                         runs_root=args.runs)
+                         runs_root=args.runs, jobs=args.jobs)
     _print_report_table(rows)
     if any(r["status"] != "ok" for r in rows):
         raise SystemExit(1)
+
+
+# two demo notebooks side by side: the tiny model uses 2 threads poorly (README: demo timings)
+DEMO_JOBS = min(2, len(os.sched_getaffinity(0)))
 
 
 def cmd_demo(args) -> None:
@@ -177,7 +182,7 @@ def cmd_demo(args) -> None:
     prepare(model="tiny", benchmark="tofu_subset", runs_root=args.runs)
     prep_s = time.time() - t0
     print(f"lab demo: prepare took {prep_s:.0f} s; running every notebook with the demo profile", flush=True)
-    rows = run_notebooks(None, "demo", out=args.out, runs_root=args.runs)
+    rows = run_notebooks(None, "demo", out=args.out, runs_root=args.runs, jobs=args.jobs)
     rows.insert(0, {"notebook": "(prepare tiny/tofu_subset)", "status": "ok", "seconds": round(prep_s, 1),
                     "report": "(cached under $LAB_CACHE/prepared)"})
     print()
@@ -221,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--set", nargs="*", metavar="K=V", help="hyper-parameters, e.g. epochs=20 lr=1e-3")
     sp.add_argument("--force", action="store_true", help="ignore the cache and train again")
+    sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    sp.add_argument("--serial", action="store_true",
+                    help="fine-tune target and retain one after the other (default on CPU: side by side)")
     sp.set_defaults(func=cmd_prepare)
 
     sp = sub.add_parser("eval", help="evaluate a model on a benchmark (TOFU or MUSE-News suite)")
@@ -310,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="reports", help="report directory (default: reports/)")
     sp.add_argument("--runs", help="runs_root for the notebooks' run directories (default: the profile's)")
     sp.add_argument("-p", "--param", nargs="*", metavar="K=V", help="parameter overrides, e.g. eval_limit=4")
+    sp.add_argument("-j", "--jobs", type=int, default=1, help="notebooks at once, each with 1/jobs of the cores")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("demo", help="the embedded default end to end: prepare, every notebook (demo profile), "
@@ -318,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="reports", help="report directory (default: reports/)")
     sp.add_argument("--port", type=int, default=8501, help="dashboard port (default 8501)")
     sp.add_argument("--no-dashboard", action="store_true", help="stop after the reports")
+    sp.add_argument("-j", "--jobs", type=int, default=DEMO_JOBS,
+                    help=f"notebooks at once, each with 1/jobs of the cores (default {DEMO_JOBS})")
     sp.set_defaults(func=cmd_demo)
     return p
 

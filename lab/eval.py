@@ -181,8 +181,14 @@ def _tofu_metrics(rows: pd.DataFrame, reference, mia_k) -> dict:
         ref_rows, ref_metrics = _reference_parts(reference)
         ref_forget = ref_rows[ref_rows["set"] == "forget"]["truth_ratio"].to_numpy()
         m["forget_quality"] = float(metrics.forget_quality(by["forget"]["truth_ratio"].to_numpy(), ref_forget))
-        m["privleak"] = float(metrics.privleak(m["mia_min_k_auc"], ref_metrics["mia_min_k_auc"]))
+        m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], ref_metrics["mia_min_k_auc"])
     return m
+
+
+def privleak_or_nan(auc: float, auc_reference: float) -> float:
+    """metrics.privleak, NaN where it is undefined: a reference whose MIA AUC is exactly 1 (it separates
+    forget from holdout perfectly, e.g. on a handful of rows). An evaluation reports it instead of failing."""
+    return math.nan if auc_reference == 1 else float(metrics.privleak(auc, auc_reference))
 
 
 def _reference_parts(reference):
@@ -243,7 +249,7 @@ def evaluate_muse(model, tokenizer, benchmark, reference=None, *, batch_size=16,
     m["mia_min_k"] = mia_k
     if reference is not None:
         _, ref_metrics = _reference_parts(reference)
-        m["privleak"] = float(metrics.privleak(m["mia_min_k_auc"], ref_metrics["mia_min_k_auc"]))
+        m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], ref_metrics["mia_min_k_auc"])
     return {"benchmark": benchmark.name, "metrics": m, "rows": pd.concat(frames, ignore_index=True)}
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 from lab import runs
 from lab.engine import UnlearnConfig, load_starting_point, unlearn
+from lab.methods import get_method
 
 # model-arithmetic methods run by lab.continual as a single task (everything else: lab.engine.unlearn)
 ARITHMETIC_METHODS = ("tv", "tru")
@@ -91,8 +92,13 @@ def _run_one(cfg: UnlearnConfig):
 
 
 def _config_key(cfg: UnlearnConfig) -> str:
-    """What makes two runs the same run (save_model only decides whether the weights are kept)."""
-    return json.dumps({**dataclasses.asdict(cfg), "save_model": None}, sort_keys=True, default=str)
+    """What makes two runs the same run (save_model only decides whether the weights are kept). The method
+    by its resolved name and full arguments: "ngdiff+autolr" is "ngdiff_autolr", "gdiff(0.5)" is gdiff c=0.5."""
+    resolved = {}
+    if cfg.method not in ARITHMETIC_METHODS:
+        method, args = get_method(cfg.method, **cfg.method_args)
+        resolved = {"method": method.name, "method_args": args}
+    return json.dumps({**dataclasses.asdict(cfg), "save_model": None, **resolved}, sort_keys=True, default=str)
 
 
 def run_grid(methods, base: UnlearnConfig, overrides_per_method: dict | None = None, progress: bool = True,
@@ -166,7 +172,9 @@ def uwc_table(grid: pd.DataFrame, base: UnlearnConfig, targets=(0.85, 0.9, 0.95)
     """UWC calibration (GRU App. F, lab.taskvec.uwc_calibrate) of each finished run of a grid: for each
     utility target, the largest alpha with utility(alpha*theta_u + (1-alpha)*theta_org) >= target * the
     original utility, then the full evaluation there. The runs must have saved their weights
-    (UnlearnConfig.save_model=True). One row per (run, target): label, target, alpha, n_evals, metrics."""
+    (UnlearnConfig.save_model=True). One row per (run, target): label, target, alpha, n_evals, metrics.
+    Each calibrated point is also added to its run's eval.jsonl (checkpoint "uwc", lab.runs.append_eval),
+    so the dashboard and lab.runs see it."""
     from lab import taskvec
     from lab.eval import evaluate
     from lab.models import load_model
@@ -203,6 +211,9 @@ def uwc_table(grid: pd.DataFrame, base: UnlearnConfig, targets=(0.85, 0.9, 0.95)
                 raise RuntimeError("uwc_table: uwc_calibrate did not evaluate the chosen alpha last")
             out.append({"label": row["label"], "status": "done", "target": target, "alpha": res.alpha,
                         "utility_goal": res.goal, "n_evals": len(res.history), **last})
+            runs.append_eval(row["run_dir"], {"checkpoint": "uwc", "step": row.get("steps"), "uwc_target": target,
+                                              "uwc_alpha": res.alpha, "uwc_utility_goal": res.goal,
+                                              "uwc_n_evals": len(res.history), "uwc_tol": tol, **last})
         taskvec.load_values_(params, theta_org)
     return pd.DataFrame(out)
 

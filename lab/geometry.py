@@ -17,7 +17,9 @@ Performance rules (these run every step between backward and optimizer step)
     gradient is float64; bf16/fp16 per-tensor partials are cast to float32 before summing). Branches
     are branch-free torch.where / clamp, e.g. GRU's "project only if <g_u, gbar_r> < 0" is the
     coefficient clamp(dot, max=0) / ||gbar_r||^2;
-  * d is built with torch._foreach_* ops (tensor coefficients via torch._foreach_mul(list, 0-d tensor)).
+  * d is built with torch._foreach_* ops, one new list per combiner; a 0-d tensor coefficient is read as
+    a number on the CPU (no device sync there) so the scaling fuses into the add (fresh gradient-size
+    CPU allocations page-fault), and stays a tensor on an accelerator (torch._foreach_mul(list, 0-d)).
 
 Zero-norm guards: a zero gradient never gives NaN. cos = 0 when either norm is 0; A_f/A_r = 0 when the
 norm is 0; NGDiff skips a zero-norm term; BLUR with ||g_f|| = 0 returns g_r; PCGrad/GRU do not project
@@ -76,6 +78,32 @@ def _partial_dots(pairs, dtype, device):
     return torch.stack(out)
 
 
+# Below this many elements in all, CPU gradient arithmetic runs on one thread: each op on a small
+# tensor costs less than waking OpenMP's pool (PASSIVE waiting, lab/__init__.py). tiny (1.3M): 38 dots
+# take 2.3 ms on 2 threads, 0.24 ms on one. SmolLM2 (135M) keeps all threads (dots 64 vs 88 ms).
+FEW_THREADS_BELOW = 1 << 24
+
+
+class few_threads:
+    """Context: one intra-op thread while the list ops on `tensors` run, when they are small and on CPU."""
+
+    def __init__(self, tensors):
+        self.active = (len(tensors) > 0 and tensors[0].device.type == "cpu"
+                       and sum(t.numel() for t in tensors) < FEW_THREADS_BELOW)
+        self.threads = None
+
+    def __enter__(self):
+        if self.active and torch.get_num_threads() > 1:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+            self.threads = None
+
+
 def _all_reduce(t, group):
     if group is not None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
@@ -104,17 +132,39 @@ def _cos(ab, aa, bb):
     return _div(ab, _sqrt(aa) * _sqrt(bb)).clamp(-1.0, 1.0)  # product of roots: no overflow of aa*bb
 
 
+def _coef(c):
+    """A 0-d tensor coefficient as a Python number when it lives on the CPU (reading it there is free,
+    no device sync), so foreach ops fuse the scaling into their one pass with no temporary list: fresh
+    CPU allocations of gradient size page-fault (GRU on SmolLM2: 1.9 s of muls per step -> 0.4 s).
+    On an accelerator it stays a tensor: no host sync."""
+    if isinstance(c, torch.Tensor) and c.device.type == "cpu":
+        return c.item()
+    return c
+
+
+def _add_scaled_(out, c, g):
+    """In place: out += c * g (c a number or a 0-d tensor)."""
+    c = _coef(c)
+    if isinstance(c, numbers.Number):
+        torch._foreach_add_(out, list(g), alpha=c)
+    else:
+        tmp = torch._foreach_mul(list(g), c)
+        torch._foreach_add_(out, tmp)
+        del tmp
+
+
 def _lincomb(*terms):
-    """sum_k c_k * g_k for (c_k, g_k) pairs; c a Python number or a 0-d tensor. At most one temporary."""
-    (c0, g0), rest = terms[0], terms[1:]
-    out = list(torch._foreach_mul(list(g0), c0))
+    """sum_k c_k * g_k for (c_k, g_k) pairs; c a Python number or a 0-d tensor. Allocates ONE new list
+    (plus, on an accelerator, one temporary per tensor coefficient after the first)."""
+    (c0, g0), rest = terms[0], list(terms[1:])
+    c0 = _coef(c0)
+    if rest and isinstance(c0, numbers.Number) and c0 == 1.0 and isinstance(_coef(rest[0][0]), numbers.Number):
+        c1, g1 = rest.pop(0)   # a + c1*b in one pass
+        out = list(torch._foreach_add(list(g0), list(g1), alpha=_coef(c1)))
+    else:
+        out = list(torch._foreach_mul(list(g0), c0))
     for c, g in rest:
-        if isinstance(c, numbers.Number):
-            torch._foreach_add_(out, list(g), alpha=c)
-        else:
-            tmp = torch._foreach_mul(list(g), c)
-            torch._foreach_add_(out, tmp)
-            del tmp
+        _add_scaled_(out, c, g)
     return out
 
 
@@ -264,11 +314,23 @@ def ngdiff_direction(g_f, g_r, group=None):
 @torch.no_grad()
 def clip_to_norm(d, tau, group=None):
     """Scale d to norm tau when ||d|| > tau (GRU eq. 10 / Alg. 1 l. 13-15, METHODS §3 clip)."""
+    s = _clip_scale(d, tau, group)
+    return list(torch._foreach_mul(list(d), _coef(s))), {"clip_scale": s}
+
+
+@torch.no_grad()
+def clip_to_norm_(d, tau, group=None):
+    """clip_to_norm in place (d is the caller's temporary)."""
+    s = _clip_scale(d, tau, group)
+    torch._foreach_mul_(d, _coef(s))
+    return d, {"clip_scale": s}
+
+
+def _clip_scale(d, tau, group):
     if not tau > 0:
         raise ValueError(f"clip norm tau must be > 0, got {tau!r}")
     n = norm(d, group)
-    s = torch.where(n > tau, tau / torch.where(n > tau, n, torch.ones_like(n)), torch.ones_like(n))
-    return list(torch._foreach_mul(list(d), s)), {"clip_scale": s}
+    return torch.where(n > tau, tau / torch.where(n > tau, n, torch.ones_like(n)), torch.ones_like(n))
 
 
 @torch.no_grad()
@@ -278,16 +340,31 @@ def gru_rectify(g_u, g_r_ref, tau=None, group=None):
     g_r_ref = gbar_r, the EMA of retain gradients kept by the caller (ema_update_, eq. 9).
     info: cos_pre = cos(g_u, gbar), cos_post = cos(d before clip, gbar) (>= 0 up to rounding),
     projected = 1.0 if the projection fired else 0.0."""
+    return _gru_rectify(g_u, g_r_ref, tau, group, inplace=False)
+
+
+@torch.no_grad()
+def gru_rectify_(g_u, g_r_ref, tau=None, group=None):
+    """gru_rectify building d in g_u's own tensors (g_u a temporary of the caller: one list fewer)."""
+    return _gru_rectify(g_u, g_r_ref, tau, group, inplace=True)
+
+
+def _gru_rectify(g_u, g_r_ref, tau, group, inplace):
+    _check_pair(g_u, g_r_ref, "g_u, g_r_ref")
     ur, rr, uu = _sums([(g_u, g_r_ref), (g_r_ref, g_r_ref), (g_u, g_u)], group)
     coef = _div(ur.clamp(max=0), rr)  # rr from the same dot as ur: g_u = -gbar gives coef -1 exactly
-    d = _lincomb((1.0, g_u), (-coef, g_r_ref))
+    if inplace:
+        d = g_u
+        _add_scaled_(d, -coef, g_r_ref)
+    else:
+        d = _lincomb((1.0, g_u), (-coef, g_r_ref))
     dr, dd = _sums([(d, g_r_ref), (d, d)], group)  # measured on the actual d, not assumed
     # a d at rounding level of g_u (g_u ~ anti-parallel to gbar) has no meaningful direction: cos 0
     meaningful = dd > torch.finfo(dd.dtype).eps * uu
     cos_post = torch.where(meaningful, _cos(dr, dd, rr), torch.zeros_like(dr))
     info = {"cos_pre": _cos(ur, uu, rr), "cos_post": cos_post, "projected": (ur < 0).to(ur.dtype)}
     if tau is not None:
-        d, clip_info = clip_to_norm(d, tau, group)
+        d, clip_info = clip_to_norm_(d, tau, group)   # d is new (or the caller's temporary) either way
         info.update(clip_info)
     return d, info
 
@@ -312,6 +389,21 @@ def alignment(g_f, g_r, d, group=None) -> dict:
                                    group)
     return {"cos_fr": _cos(fr, ff, rr), "align_f": _div(fd, ff), "align_r": _div(rd, rr),
             "norm_f": _sqrt(ff), "norm_r": _sqrt(rr), "norm_d": _sqrt(dd)}
+
+
+@torch.no_grad()
+def update_cosines(descent, g_f, g_r=None, *, norm_f=None, norm_r=None, group=None) -> dict:
+    """cos_update_f = cos(descent, g_f), cos_update_r = cos(descent, g_r) for the realised update
+    descent = theta_old - theta_new (METHODS §7). norm_f / norm_r: ||g_f||, ||g_r|| when the caller has
+    them already (from alignment), saving a pass over each gradient. One all_reduce under `group`."""
+    grads = {"f": (g_f, norm_f), "r": (g_r, norm_r)} if g_r is not None else {"f": (g_f, norm_f)}
+    pairs = [(descent, descent)] + [(descent, g) for g, _ in grads.values()]
+    pairs += [(g, g) for g, n in grads.values() if n is None]
+    sums = iter(_sums(pairs, group))
+    norm_u = _sqrt(next(sums))
+    dots = {k: next(sums) for k in grads}
+    return {f"cos_update_{k}": _div(dots[k], norm_u * (n.to(norm_u.dtype) if n is not None else _sqrt(next(sums))))
+            .clamp(-1.0, 1.0) for k, (g, n) in grads.items()}
 
 
 # The engine looks combiners up by name (lab.methods.combine). "gru" takes (g_u, g_r_ref, tau).

@@ -7,6 +7,7 @@ g_r (each term: objective name, which batch it reads, weight), how g_f and g_r b
     get_method("NPO+KL")          # names are case/punctuation-insensitive: npo_kl, NPO-KL, npo+kl
     get_method("GRU-SimNPO+GD")
     get_method("gdiff(0.1)")      # extended GDiff with c = 0.1
+    get_method("lossnorm+autolr") # any method + AutoLR (NGDiff Alg. 1)
     list_methods()                # table of every method with its pieces
 
 Sign convention (lab.geometry): g_f is the gradient of the forget objective as a loss to MINIMISE
@@ -32,7 +33,7 @@ class Method:
     name: str
     forget: tuple[Term, ...]          # terms summed into g_f
     retain: tuple[Term, ...]          # terms summed into g_r
-    combiner: str = "sum"             # "sum" (d = g_f + g_r, one backward suffices) or COMBINERS key
+    combiner: str = "sum"             # "sum" (d = g_f + g_r, one gradient buffer suffices) or COMBINERS key
     defaults: dict = dataclasses.field(default_factory=dict)
     source: str = ""                  # paper / equation
     trainable: str | None = None      # "rmu": only the RMU layers' MLP output projections train
@@ -90,8 +91,20 @@ _add(Method("rlw", (GA,), (CE1,), "rlw", source="random loss weighting (NGDiff 2
 _add(Method("pcgrad", (GA,), (CE1,), "pcgrad", source="PCGrad (NGDiff 2.2 item 6)"))
 _add(Method("imtl_g", (GA,), (CE1,), "imtl_g", source="IMTL-G (NGDiff 2.2 item 7)"))
 _add(Method("ngdiff", (GA,), (CE1,), "ngdiff", source="NGDiff d = g_r/|g_r| + g_f/|g_f| (NGDiff sec. 3.2)"))
-_add(Method("ngdiff_autolr", (GA,), (CE1,), "ngdiff", {"autolr_every": 10, "autolr_max_factor": None},
-            source="NGDiff + AutoLR (NGDiff Alg. 1)", autolr=True))
+AUTOLR_ARGS = {"autolr_every": 10, "autolr_max_factor": None}  # NGDiff Remark 3.2: K = 10
+
+
+def with_autolr(m: Method) -> Method:
+    """Method + AutoLR (NGDiff Alg. 1; Table 3 pairs it with GDiff, NPO, LossNorm and NGDiff): the same
+    pieces, with the lr set every autolr_every steps from probes of the retain loss along the update
+    (the retain NLL for forget-only methods, METHODS §3). get_method("<name>+autolr") builds it."""
+    if m.autolr:
+        raise ValueError(f"method {m.name!r} already has AutoLR")
+    return dataclasses.replace(m, name=f"{m.name}_autolr", defaults={**m.defaults, **AUTOLR_ARGS},
+                               source=f"{m.source} + AutoLR (NGDiff Alg. 1)", autolr=True)
+
+
+_add(with_autolr(METHODS["ngdiff"]))
 
 # ---------------------------------------------------------------- GRU over a base (GRU Alg. 1)
 # g_u = gradient of the base method's loss; the retain gradient whose EMA rectifies it is always the
@@ -134,13 +147,15 @@ def normalise_name(name: str) -> str:
 def get_method(name: str, **overrides) -> tuple[Method, dict]:
     """Look up a method by name -> (Method, args with defaults filled and overrides validated)."""
     key = normalise_name(name)
+    autolr = key.endswith("_autolr") and key not in METHODS
+    key = key.removesuffix("_autolr") if autolr else key
     match = re.fullmatch(r"gdiff\(([0-9.]+)\)", key)
     if match:
         key, overrides = "gdiff", {"c": float(match.group(1)), **overrides}
     if key not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))} "
-                         "(case and +/- insensitive; gdiff(c) sets c)")
-    method = METHODS[key]
+                         "(case and +/- insensitive; gdiff(c) sets c; a '+autolr' suffix adds AutoLR)")
+    method = with_autolr(METHODS[key]) if autolr else METHODS[key]
     unknown = set(overrides) - set(method.defaults)
     if unknown:
         raise ValueError(f"method {method.name!r}: unknown options {sorted(unknown)}; "
@@ -193,5 +208,7 @@ def combine(method: Method, args: dict, g_f, g_r, losses: dict, state: dict, gen
                 state["retain_grad_ema"] = geometry.zeros_like(g_r)
             geometry.ema_update_(state["retain_grad_ema"], g_r, args["gamma"])
             reference = state["retain_grad_ema"]
-        return geometry.gru_rectify(g_u, reference, tau=args["tau"])
+        # g_u = g_f + w g_r is our own temporary: rectify it in place (one gradient-size list fewer)
+        rectify = geometry.gru_rectify_ if args["retain_in_update"] else geometry.gru_rectify
+        return rectify(g_u, reference, tau=args["tau"])
     raise ValueError(f"unknown combiner {c!r}; valid: sum, {', '.join(sorted(geometry.COMBINERS))}")

@@ -12,12 +12,15 @@ both evaluations, so the dashboard shows it like any other run.
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 import lab
 from lab import runs
 from lab.data import benchmark_from_config, get_benchmark, qa_batches
-from lab.eval import evaluate
+from lab.eval import evaluate, privleak_or_nan
 from lab.models import load_model, model_info
 
 # Fine-tuning defaults per model. TOFU fine-tunes real LMs 5 epochs at lr 1e-5..2e-5 (TOFU paper);
@@ -49,7 +52,8 @@ def cache_root() -> Path:
 
 # ---------------------------------------------------------------- fine-tuning
 def finetune(model, tokenizer, dataset, *, epochs, lr, batch_size, weight_decay=0.0, warmup=0.0,
-             seed=0, max_length=512, autocast_dtype=None, desc="finetune", on_step=None) -> list[float]:
+             seed=0, max_length=512, autocast_dtype=None, desc="finetune", on_step=None,
+             position=None) -> list[float]:
     """Plain supervised fine-tuning on QA rows (answer tokens only) with AdamW and linear warmup/decay.
 
     Returns the per-step losses; `on_step(step, epoch, loss, lr)` is called after every step.
@@ -68,7 +72,7 @@ def finetune(model, tokenizer, dataset, *, epochs, lr, batch_size, weight_decay=
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
            else torch.autocast(device.type, enabled=False))
     losses, step = [], 0
-    bar = tqdm(total=total, desc=desc, leave=False)
+    bar = tqdm(total=total, desc=desc, leave=False, position=position)
     for epoch in range(epochs):
         for batch in qa_batches(tokenizer, dataset, batch_size, shuffle=True, seed=seed + epoch,
                                 max_length=max_length):
@@ -138,8 +142,14 @@ def _hash(cfg: dict) -> str:
 
 
 def prepare(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, seed=0, runs_root="runs",
-            force=False, verbose=True, **hparams) -> Prepared:
-    """Fine-tune target (forget + retain) and retain-only models, evaluate both, cache the result."""
+            force=False, verbose=True, device="cpu", parallel=None, **hparams) -> Prepared:
+    """Fine-tune target (forget + retain) and retain-only models, evaluate both, cache the result.
+
+    device: where to fine-tune and evaluate ("cuda" on a GPU machine). parallel: fine-tune the two
+    models side by side in two processes, each with half the CPU threads (None: on CPU with >= 2
+    threads). Small models use threads poorly, so two half-width processes finish sooner than two
+    full-width runs in turn. Neither changes the cache key: the cached models are the same recipe
+    (up to floating-point summation order)."""
     cfg = prepare_config(model, benchmark, benchmark_kwargs, seed, **hparams)
     path = cache_root() / "prepared" / _hash(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,36 +161,102 @@ def prepare(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, see
                 print(f"prepared models (cached): {path}")
                 print(memorisation_table(prepared))
             return prepared
-        return _prepare_fresh(cfg, path, runs_root, verbose)
+        if parallel is None:
+            parallel = torch.device(device).type == "cpu" and torch.get_num_threads() >= 2
+        return _prepare_fresh(cfg, path, runs_root, verbose, device, parallel)
 
 
-def _prepare_fresh(cfg, path, runs_root, verbose) -> Prepared:
-    model, seed = cfg["model"], cfg["seed"]
+CHECKPOINTS = ("retain", "target")   # retain first: the target's evaluation needs it as the reference
 
+
+def finetune_checkpoint(cfg: dict, which: str, out: Path, device="cpu", threads=None, position=None) -> list[dict]:
+    """Fine-tune one checkpoint of a prepare config (`which`: retain on train_retain, target on
+    train_full) and save it to out/<which>. Returns its trace rows. Top-level, so that a worker process
+    can run it."""
+    if threads:
+        torch.set_num_threads(threads)
+    bench = benchmark_from_config(cfg["benchmark"])
+    data = bench.train_retain if which == "retain" else bench.train_full
+    train = {k: cfg[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "warmup", "max_length")}
+    rows = []
+    net, tok = load_model(cfg["model"], seed=cfg["seed"], device=device)
+    t0 = time.time()
+    finetune(net, tok, data, seed=cfg["seed"], autocast_dtype=getattr(torch, cfg["autocast"]) if cfg["autocast"]
+             else None, desc=f"fine-tune {which}", position=position,
+             on_step=lambda s, e, l, lr: rows.append({"step": s, "epoch": e, "checkpoint": which, "loss": l, "lr": lr}),
+             **train)
+    net.save_pretrained(out / which)
+    tok.save_pretrained(out / which)
+    rows[-1]["finetune_seconds"] = time.time() - t0
+    return rows
+
+
+def _finetune_both(cfg, tmp, device, parallel) -> dict:
+    if not parallel:
+        return {w: finetune_checkpoint(cfg, w, tmp, device) for w in CHECKPOINTS}
+    # one `python -m lab.prepare` worker per checkpoint (a subprocess, not multiprocessing: spawn would
+    # re-run the caller's unguarded script, fork is unsafe after OpenMP started)
+    threads = max(1, torch.get_num_threads() // len(CHECKPOINTS))
+    spec = tmp / "worker-config.json"
+    runs.atomic_write_json(spec, cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = {w: subprocess.Popen([sys.executable, "-m", "lab.prepare", "--worker", str(spec), w, str(tmp), device,
+                                  str(threads), str(i)], env=env) for i, w in enumerate(CHECKPOINTS)}
+    try:
+        codes = {w: p.wait() for w, p in procs.items()}
+    finally:  # Ctrl-C / an error here: no orphaned worker keeps training
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    out = {}
+    for w in CHECKPOINTS:
+        error = tmp / f"{w}.error.json"
+        if error.exists():   # the worker's own exception, re-raised here with its type when it is a builtin
+            err = json.loads(error.read_text())
+            kind = getattr(builtins, err["type"], None)
+            raise (kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError)(err["message"])
+        if codes[w] != 0:
+            raise RuntimeError(f"prepare: the {w} fine-tuning worker exited with code {codes[w]} (see its output above)")
+        out[w] = json.loads((tmp / f"{w}.trace.json").read_text())
+        (tmp / f"{w}.trace.json").unlink()
+    spec.unlink()
+    return out
+
+
+def _worker(argv) -> int:
+    """python -m lab.prepare --worker CONFIG.json WHICH OUT DEVICE THREADS POSITION (see _finetune_both)."""
+    spec, which, out, device, threads, position = argv
+    out = Path(out)
+    try:
+        rows = finetune_checkpoint(json.loads(Path(spec).read_text()), which, out, device, int(threads), int(position))
+    except Exception as e:
+        runs.atomic_write_json(out / f"{which}.error.json", {"type": type(e).__name__, "message": str(e)})
+        raise
+    runs.atomic_write_json(out / f"{which}.trace.json", rows)
+    return 0
+
+
+def _prepare_fresh(cfg, path, runs_root, verbose, device="cpu", parallel=False) -> Prepared:
     bench = benchmark_from_config(cfg["benchmark"])
     autocast_dtype = getattr(torch, cfg["autocast"]) if cfg["autocast"] else None
-    train = {k: cfg[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "warmup", "max_length")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        with runs.create_run(cfg, root=runs_root) as run:
+        with runs.create_run({**cfg, "device": device, "parallel": bool(parallel)}, root=runs_root) as run:
+            trained = _finetune_both(cfg, tmp, device, parallel)
             results = {}
-            for which, data in (("retain", bench.train_retain), ("target", bench.train_full)):
+            for which in CHECKPOINTS:
+                for row in trained[which]:
+                    run.log_step({k: v for k, v in row.items() if k != "finetune_seconds"})
                 t0 = time.time()
-                net, tok = load_model(model, seed=seed)
-                finetune(net, tok, data, seed=seed, autocast_dtype=autocast_dtype, desc=f"fine-tune {which}",
-                         on_step=lambda s, e, l, lr, w=which: run.log_step(
-                             {"step": s, "epoch": e, "checkpoint": w, "loss": l, "lr": lr}), **train)
-                net.save_pretrained(tmp / which)
-                tok.save_pretrained(tmp / which)
-                ref = results.get("retain")
-                res = evaluate(net, tok, bench, reference=ref, batch_size=cfg["eval_batch_size"],
+                net, tok = load_model(str(tmp / which), device=device)
+                res = evaluate(net, tok, bench, reference=results.get("retain"), batch_size=cfg["eval_batch_size"],
                                limit=cfg["eval_limit"], autocast_dtype=autocast_dtype)
                 if which == "retain":  # the reference against itself: FQ = 1, PrivLeak = 0 by construction
                     res = evaluate_reference_self(res)
                 results[which] = res
-                run.log_eval({"step": 0, "checkpoint": which, "seconds": time.time() - t0, **res["metrics"]},
-                             rows=res["rows"])
+                run.log_eval({"step": 0, "checkpoint": which, "finetune_seconds": trained[which][-1]["finetune_seconds"],
+                              "eval_seconds": time.time() - t0, **res["metrics"]}, rows=res["rows"])
                 res["rows"].to_parquet(tmp / f"{which}_eval_rows.parquet", index=False)
             info = model_info(net)
             meta = {"config": cfg, "model_info": info, "run_dir": str(run.path),
@@ -201,12 +277,13 @@ def _prepare_fresh(cfg, path, runs_root, verbose) -> Prepared:
 
 
 def evaluate_reference_self(res: dict) -> dict:
-    """Forget quality and PrivLeak of the reference model against itself (exactly 1 and 0)."""
+    """Forget quality and PrivLeak of the reference model against itself (exactly 1 and 0; PrivLeak NaN
+    when undefined, see lab.eval.privleak_or_nan)."""
     from lab import metrics
     m = dict(res["metrics"])
     forget = res["rows"].query("set == 'forget'")["truth_ratio"].to_numpy()
     m["forget_quality"] = float(metrics.forget_quality(forget, forget))
-    m["privleak"] = float(metrics.privleak(m["mia_min_k_auc"], m["mia_min_k_auc"]))
+    m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], m["mia_min_k_auc"])
     return {**res, "metrics": m}
 
 
@@ -227,3 +304,9 @@ def memorisation_table(prepared: Prepared) -> str:
     df = pd.DataFrame({w: {k: getattr(prepared, f"{w}_eval")["metrics"].get(k) for k in MEMORISATION_KEYS}
                        for w in ("target", "retain")})
     return df.to_string(float_format=lambda x: f"{x:.4g}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--worker"]:
+        raise SystemExit("internal entry point of lab.prepare; use `lab prepare` (python -m lab prepare)")
+    raise SystemExit(_worker(sys.argv[2:]))

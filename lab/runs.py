@@ -44,7 +44,10 @@ TRACE_COLUMNS = [
 # Method extras written by the engine when they apply (same file, same step rows).
 TRACE_EXTRA_COLUMNS = {
     "gru": ["cos_pre", "cos_post", "projected"],   # GRU Alg. 1: cos(g_u, gbar_r) before/after, projection fired
-    "ngdiff": ["c_t", "autolr_probe", "autolr_lr", "autolr_loss_minus", "autolr_loss_0", "autolr_loss_plus"],
+    "ngdiff": ["c_t"],
+    # AutoLR (any "<method>+autolr"; NGDiff Alg. 1): on probe steps only, NaN elsewhere
+    "autolr": ["autolr_probe", "autolr_accepted", "autolr_lr", "autolr_loss_minus", "autolr_loss_0",
+               "autolr_loss_plus"],
     "blur": ["xi"],                                  # BLUR eq. 14: <g_f,g_r>/||g_f||^2
     "alkn": ["active_fraction"],                     # ALKN DGS: fraction of coordinates allowed to move
 }
@@ -52,7 +55,9 @@ TRACE_EXTRA_COLUMNS = {
 # scope is "global", "layer.<i>" or "module.<type>" (e.g. "module.mlp", "module.attn").
 MASK_COLUMNS = ["task_a", "task_b", "scope", "jaccard"]
 # eval.jsonl records: {step, epoch, task, eval_task, checkpoint, <metric>: value, ...}
-#   checkpoint: "target" | "retain" (prepare runs), "initial" (theta_0 before unlearning), "unlearned".
+#   checkpoint: "target" | "retain" (prepare runs), "initial" (theta_0 before unlearning), "unlearned",
+#   "uwc" (the run's weights interpolated towards theta_0 to a utility goal, GRU App. F: uwc_target,
+#   uwc_alpha, uwc_n_evals; written afterwards by lab.experiments.uwc_table via append_eval).
 #   Continual runs: `task` = index of the last finished task (-1 for "initial"), `eval_task` = whose
 #   forget set the forget_* metrics describe (None for utility-only records). Cascading degradation
 #   (ALKN fig. 2a) for task k = forget_prob at checkpoint "initial" vs after task k-1.
@@ -151,10 +156,7 @@ class Run:
 
     def log_eval(self, record: dict, rows: pd.DataFrame | None = None) -> None:
         """Append one evaluation point to eval.jsonl (and its per-row outputs to eval_rows.parquet)."""
-        record = {k: _scalar(v) for k, v in record.items()}
-        line = json.dumps(record, sort_keys=True, default=_jsonable) + "\n"
-        old = (self.path / EVAL).read_text() if (self.path / EVAL).exists() else ""
-        atomic_write_text(self.path / EVAL, old + line)
+        record = _append_eval_line(self.path, record)
         if rows is not None and len(rows):
             keys = {k: record[k] for k in EVAL_INDEX if k in record}
             self._rows.append(rows.assign(**keys))
@@ -176,6 +178,25 @@ class Run:
         return bool(self._trace) or (self.path / EVAL).exists()
 
 
+def _append_eval_line(path: Path, record: dict) -> dict:
+    record = {k: _scalar(v) for k, v in record.items()}
+    line = json.dumps(record, sort_keys=True, default=_jsonable) + "\n"
+    old = (path / EVAL).read_text() if (path / EVAL).exists() else ""
+    atomic_write_text(path / EVAL, old + line)
+    return record
+
+
+def append_eval(path: str | os.PathLike, record: dict) -> None:
+    """Add an evaluation record to a FINISHED run's eval.jsonl (an analysis made after the run, e.g. a
+    UWC calibration of its weights: checkpoint "uwc"). The file is rewritten atomically."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"append_eval: {path} is not a run directory (no {CONFIG})")
+    if not record.get("checkpoint"):
+        raise ValueError("append_eval: the record needs a 'checkpoint' (which model it evaluates)")
+    _append_eval_line(path, record)
+
+
 @contextlib.contextmanager
 def create_run(config: dict, root: str | os.PathLike = "runs", run_id: str | None = None):
     """Create `root/<run_id>/`, write config.yaml, yield a `Run`; finish summary.json on exit.
@@ -184,10 +205,21 @@ def create_run(config: dict, root: str | os.PathLike = "runs", run_id: str | Non
     `RunStopped` it is kept with that status and the error message, then the exception propagates.
     """
     config = {**config, "lab_version": lab.__version__}
-    run_id = run_id or make_run_id(config)
-    path = Path(root) / run_id
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(exist_ok=False)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    if run_id:
+        path = Path(root) / run_id
+        path.mkdir(exist_ok=False)
+    else:  # the same config started within the same second (parallel notebooks): -2, -3, ...
+        stem = make_run_id(config)
+        for n in range(1, 1000):
+            path = Path(root) / (stem if n == 1 else f"{stem}-{n}")
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"create_run: {stem} and 998 numbered variants exist in {root}")
     run = Run(path, config)
     try:
         atomic_write_text(path / CONFIG, yaml.safe_dump(_plain(config), sort_keys=False))

@@ -5,11 +5,14 @@ from lab import bench, cli
 
 
 def test_bench_cli_writes_ratios_and_memory(tmp_path):
-    variants = [("graddiff", "ga_rt", 0), ("gru+diag", "gru_gd", 1)]
+    variants = [("graddiff", "ga_rt", 0), ("gru", "gru_gd", 0), ("gru+diag", "gru_gd", 1)]
     result = bench.run_bench("tiny", rounds=2, warmup=1, batch_size=2, max_length=32,
                              variants=variants, progress=False)
-    assert set(result["variants"]) == {"floor", "graddiff", "gru+diag"}
+    assert set(result["variants"]) == {"floor", "graddiff", "gru", "gru+diag"}
     assert result["variants"]["floor"]["ratio_to_floor"] == 1.0
+    traced, untraced = result["variants"]["gru+diag"], result["variants"]["gru"]
+    assert traced["ratio_to_untraced"] == traced["median_seconds"] / untraced["median_seconds"]
+    assert "ratio_to_untraced" not in untraced
     for entry in result["variants"].values():
         assert entry["median_seconds"] > 0
         assert entry["peak_bytes"] > 0              # the step allocates activations and gradients

@@ -63,6 +63,21 @@ def test_every_method_runs_and_traces(name, bench, tmp_path):
         assert trace["autolr_probe"].iloc[0] == 1.0 and "autolr_lr" in trace
 
 
+@pytest.mark.parametrize("name", ["npo+autolr", "lossnorm+autolr"])
+def test_autolr_on_other_methods_probes_the_retain_loss(name, bench, tmp_path):
+    # forget-only NPO probes the retain NLL (measured, not trained on); LossNorm its own retain loss
+    _, trace, rec = _run(name, bench, tmp_path, max_steps=4, diagnostics=0, method_args={"autolr_every": 2})
+    probes = trace[trace["autolr_probe"] == 1.0]
+    assert list(probes.index) == [0, 2] and np.isfinite(probes[["autolr_loss_minus", "autolr_loss_0",
+                                                                "autolr_loss_plus"]]).all().all()
+    # the probe's centre point is the retain loss at theta; each later step uses the lr the probe chose
+    for i in probes.index:
+        assert trace["lr"].iloc[i] == pytest.approx(probes.loc[i, "autolr_lr"])
+        assert trace["lr"].iloc[i + 1] == pytest.approx(probes.loc[i, "autolr_lr"])
+    if name == "lossnorm+autolr":
+        assert np.allclose(probes["autolr_loss_0"], trace.loc[probes.index, "loss_r"], rtol=1e-5)
+
+
 def test_geometry_invariants_in_the_trace(bench, tmp_path):
     _, blur, _ = _run("blur_npo", bench, tmp_path / "b", method_args={"gamma": 0.7})
     assert np.allclose(blur["align_f"], 0.7, atol=1e-4)              # BLUR: A_f == gamma exactly

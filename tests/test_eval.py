@@ -89,3 +89,10 @@ def test_smollm2_evaluates_offline():
     assert 0 < m["model_utility"] < 1 and all(math.isfinite(v) for v in m.values())
     # a general-knowledge model knows some world facts but not the fictitious TOFU authors
     assert m["world_facts_rouge"] > m["forget_rouge"]
+
+
+def test_privleak_is_nan_where_undefined_instead_of_failing_an_evaluation():
+    from lab.eval import privleak_or_nan
+    assert math.isnan(privleak_or_nan(0.7, 1.0))          # a reference that separates perfectly: 0 / 0
+    assert privleak_or_nan(0.6, 0.6) == 0.0
+    assert privleak_or_nan(1.0, 0.5) == pytest.approx(-100.0, abs=1e-6)

@@ -28,6 +28,8 @@ def test_grid_rows_are_the_runs_and_reuse(prepared_tiny, tmp_path):
             assert row[key] == pytest.approx(final[key])
         assert row["steps"] == 2 and len(rec.trace) == 2
     assert runs.load_run(grid.loc[0, "run_dir"]).config["lr"] == 1e-2
+    # a method named another way (alias, +autolr suffix) with the same arguments is the same run
+    assert run_grid(["NGDiff"], base, reuse=grid, progress=False).loc[0, "run_id"] == grid.loc[1, "run_id"]
     tr = traces(grid)
     assert sorted(tr["label"].unique()) == ["GD", "ngdiff"] and len(tr) == 4 and "c_t" in tr
 
@@ -78,6 +80,15 @@ def test_starting_points_and_uwc(prepared_tiny, tmp_path):
     assert row["label"] == "GA" and 0.0 < row["alpha"] < 1.0 and row["n_evals"] > 2
     # the calibrated model meets the utility target on the rows it was calibrated on
     assert row["model_utility"] >= row["utility_goal"] - 1e-9
+    # the calibrated point lives in the run directory too (checkpoint "uwc"), beside the unchanged final record
+    rec = runs.load_run(grid.loc[0, "run_dir"])
+    point = rec.evals[rec.evals["checkpoint"] == "uwc"]
+    assert len(point) == 1 and point["uwc_alpha"].iloc[0] == row["alpha"] and point["uwc_target"].iloc[0] == 0.9
+    assert point["model_utility"].iloc[0] == pytest.approx(row["model_utility"])
+    from lab.runs_views import final_record
+    assert final_record(rec)["model_utility"] == pytest.approx(grid.loc[0, "model_utility"])
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        runs.append_eval(tmp_path, {"checkpoint": "uwc"})
     with pytest.raises(FileNotFoundError, match="save_model=True"):
         uwc_table(run_grid(["ga"], base, progress=False), base, targets=(0.9,))
 

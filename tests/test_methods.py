@@ -35,6 +35,21 @@ def test_pieces_follow_methods_md():
     assert not get_method("npo_kl")[0].separate_gradients and get_method("pcgrad")[0].separate_gradients
 
 
+def test_autolr_suffix_adds_autolr_to_any_method():
+    ln, args = get_method("LossNorm+AutoLR")
+    assert ln.autolr and ln.name == "lossnorm_autolr" and ln.combiner == "lossnorm"
+    assert args == {"autolr_every": 10, "autolr_max_factor": None}
+    gd, args = get_method("gdiff(0.9)+autolr", autolr_every=5)
+    assert gd.autolr and args["c"] == 0.9 and args["autolr_every"] == 5
+    npo, args = get_method("npo+autolr")
+    assert npo.autolr and npo.forget == get_method("npo")[0].forget and not npo.retain and args["beta"] == 0.1
+    assert get_method("ngdiff+autolr")[0] is get_method("ngdiff_autolr")[0]   # the registered one
+    with pytest.raises(ValueError, match="already has AutoLR"):
+        get_method("ngdiff_autolr+autolr")
+    with pytest.raises(ValueError, match="'\\+autolr' suffix"):
+        get_method("npoo+autolr")
+
+
 def test_bad_names_and_options_list_what_is_valid():
     with pytest.raises(ValueError, match="valid: .*blur_npo"):
         get_method("blurr")

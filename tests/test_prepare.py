@@ -2,6 +2,7 @@
 import json
 import time
 
+import pandas as pd
 import pytest
 
 from lab import prepare as prep
@@ -69,7 +70,47 @@ def test_failure_leaves_no_cache_entry_and_no_run(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "finetune", broken)
     with pytest.raises(FloatingPointError, match="loss is nan"):
         prep.prepare(model="tiny", benchmark="tofu_subset", verbose=False, runs_root=tmp_path / "runs",
-                     benchmark_kwargs={"n_retain_authors": 1, "n_forget_authors": 1}, epochs=1)
+                     benchmark_kwargs={"n_retain_authors": 1, "n_forget_authors": 1}, epochs=1, parallel=False)
     prepared_dir = tmp_path / "cache" / "prepared"
     assert not [p for p in prepared_dir.iterdir() if not p.name.endswith(".lock")]
     assert runs.find_runs(tmp_path / "runs") == []
+
+
+def test_failure_in_a_worker_process_leaves_nothing_either(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FloatingPointError, match="fine-tune (retain|target): loss is nan"):
+        prep.prepare(model="tiny", benchmark="tofu_subset", verbose=False, runs_root=tmp_path / "runs",
+                     benchmark_kwargs=SMALL, epochs=2, lr=1e30, parallel=True)
+    assert not [p for p in (tmp_path / "cache" / "prepared").iterdir() if not p.name.endswith(".lock")]
+    assert runs.find_runs(tmp_path / "runs") == []
+
+
+SMALL = {"n_retain_authors": 1, "n_forget_authors": 1, "extras": False}
+
+
+def test_side_by_side_processes_train_the_same_models_as_one_after_the_other(tmp_path, monkeypatch):
+    """parallel=True runs each fine-tune in its own process with half the threads; with one thread in
+    both layouts the weights and the loss traces are bit-identical."""
+    import torch
+    from lab.models import load_model
+    hp = dict(benchmark_kwargs=SMALL, epochs=2, eval_limit=4, verbose=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setenv("LAB_CACHE", str(tmp_path / "serial"))
+        serial = prep.prepare(runs_root=tmp_path / "runs-s", parallel=False, **hp)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path / "parallel"))
+    side = prep.prepare(runs_root=tmp_path / "runs-p", parallel=True, **hp)
+    assert serial.path.name == side.path.name            # same recipe, same cache key
+    for which in prep.CHECKPOINTS:
+        a, b = load_model(str(serial.path / which))[0], load_model(str(side.path / which))[0]
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), f"{which}: {name} differs"
+    ts, tp = runs.load_run(serial.run_dir).trace, runs.load_run(side.run_dir).trace
+    assert list(ts["checkpoint"].unique()) == list(tp["checkpoint"].unique()) == ["retain", "target"]
+    assert ts[["step", "loss"]].equals(tp[["step", "loss"]])
+    assert pd.Series(serial.target_eval["metrics"]).equals(pd.Series(side.target_eval["metrics"]))
+    evals = runs.load_run(side.run_dir).evals
+    assert (evals["finetune_seconds"] > 0).all() and (evals["eval_seconds"] > 0).all()

@@ -40,6 +40,19 @@ def test_run_directory_files_and_roundtrip(tmp_path):
     assert not [p for p in path.iterdir() if p.name.startswith(".")]
 
 
+def test_same_config_in_the_same_second_gets_numbered_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "make_run_id", lambda config: "20261123-000000-unlearn-ga-abcdef")
+    paths = []
+    for _ in range(3):
+        with runs.create_run({"kind": "unlearn", "method": "ga"}, root=tmp_path) as run:
+            paths.append(run.path.name)
+    assert paths == ["20261123-000000-unlearn-ga-abcdef", "20261123-000000-unlearn-ga-abcdef-2",
+                     "20261123-000000-unlearn-ga-abcdef-3"]
+    with pytest.raises(FileExistsError):   # an explicit run id is never renamed
+        with runs.create_run({}, root=tmp_path, run_id=paths[0]):
+            pass
+
+
 def test_failed_run_leaves_no_directory(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         _write_run(tmp_path, fail=1)
