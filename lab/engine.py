@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lab import geometry, runs
-from lab.methods import Method, Term, combine, get_method
+from lab.methods import Method, Term, combine, direction_coefficients, get_method
 from lab.objectives import ObjectiveContext, get_objective, sequence_logprob
 
 # Unlearning lr per model when the config leaves it out: the papers use 1e-5 (7B, Phi-1.5); a small
@@ -447,7 +447,8 @@ def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *,
                                   state.combiner_state, generator=rlw_gen)
             if diag:
                 if g_r:
-                    scalars.update(geometry.alignment(g_f, g_r, d))
+                    coef = (1.0, 0.0) if probe_retain else direction_coefficients(method, args, info)
+                    scalars.update(geometry.alignment(g_f, g_r, d, d_coef=coef))
                 else:
                     scalars.update(norm_f=geometry.norm(g_f), norm_d=geometry.norm(d))
     else:  # the weighted sum into one gradient: d = g_f + g_r without materialising either

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import torch
+
 from lab import geometry
 
 
@@ -212,3 +214,24 @@ def combine(method: Method, args: dict, g_f, g_r, losses: dict, state: dict, gen
         rectify = geometry.gru_rectify_ if args["retain_in_update"] else geometry.gru_rectify
         return rectify(g_u, reference, tau=args["tau"])
     raise ValueError(f"unknown combiner {c!r}; valid: sum, {', '.join(sorted(geometry.COMBINERS))}")
+
+
+def direction_coefficients(method: Method, args: dict, info: dict):
+    """(a, b) with d = a*g_f + b*g_r for the direction `combine` just returned (its `info`), or None
+    where d is not such a combination of this step's g_f, g_r (PCGrad: coefficients not reported;
+    GRU: the EMA reference). Lets geometry.alignment skip three passes over the gradients."""
+    c = method.combiner
+    if c == "sum":
+        return 1.0, 1.0
+    if c == "gdiff":
+        return (1.0, 1.0) if args["c"] is None else (1.0 - args["c"], args["c"])   # NGDiff eq. 1-3
+    if c in ("lossnorm", "rlw"):
+        return info["c_f"], info["c_r"]
+    if c == "imtl_g":
+        return info["a_f"], info["a_r"]
+    if c == "ngdiff":   # zero norm -> skipped term, as geometry._div
+        return tuple(torch.where(n > 0, 1 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+                     for n in (info["norm_f"], info["norm_r"]))
+    if c == "blur":     # BLUR eq. 14; with ||g_f|| = 0 the g_f term vanishes whatever its coefficient
+        return args["gamma"] - info["xi"], 1.0
+    return None

@@ -1,6 +1,9 @@
 import pytest
+import torch
 
-from lab.methods import METHODS, get_method, list_methods, normalise_name
+from lab import geometry as G
+from lab.methods import (METHODS, combine, direction_coefficients, get_method, list_methods,
+                         normalise_name)
 
 ISSUE_NAMES = [  # every method the engine issue names, spelled as the papers do
     "GA", "GA+RT", "GA+KL", "GradDiff", "gdiff(0.1)", "gdiff(0.5)", "gdiff(0.9)", "NPO", "NPO+RT", "NPO+GD",
@@ -63,3 +66,33 @@ def test_list_methods_one_row_per_method():
     df = list_methods()
     assert df["method"].is_unique and {"ga_rt", "gru_simnpo_gd", "blur_rmu"} <= set(df["method"])
     assert "graddiff" in df.set_index("method").loc["ga_rt", "aliases"]
+
+
+@pytest.mark.parametrize("name", sorted({m.combiner: n for n, m in METHODS.items()}.values()))
+@pytest.mark.parametrize("case", ["random", "zero_f", "zero_r", "opposite"])
+def test_direction_coefficients_reconstruct_d_and_give_the_measured_alignment(name, case):
+    # the engine's shortcut (lab.engine._step): alignment from (a, b) must equal alignment measured on d
+    method, args = get_method(name)
+    gen = torch.Generator().manual_seed(len(name))
+    shapes = [(3, 4), (5,), (2, 2, 2)]
+    g_f = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    g_r = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    if case == "zero_f":
+        g_f = [torch.zeros_like(t) for t in g_f]
+    elif case == "zero_r":
+        g_r = [torch.zeros_like(t) for t in g_r]
+    elif case == "opposite":
+        g_r = [-t for t in g_f]
+    losses = {"loss_f": torch.tensor(2.0, dtype=torch.float64), "loss_r": torch.tensor(0.5, dtype=torch.float64)}
+    d, info = combine(method, args, g_f, g_r, losses, {}, generator=torch.Generator().manual_seed(0))
+    coef = direction_coefficients(method, args, info)
+    if method.combiner in ("gru", "pcgrad"):
+        assert coef is None
+        return
+    a, b = (float(c) for c in coef)
+    rebuilt = G.add(G.scale(g_f, a), g_r, alpha=b)
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(rebuilt, d)), (name, case)
+    measured, derived = G.alignment(g_f, g_r, d), G.alignment(g_f, g_r, d, d_coef=coef)
+    assert derived.keys() == measured.keys()
+    for key in measured:
+        assert float(derived[key]) == pytest.approx(float(measured[key]), rel=1e-9, abs=1e-9), (name, case, key)
