@@ -229,9 +229,8 @@ def direction_coefficients(method: Method, args: dict, info: dict):
         return info["c_f"], info["c_r"]
     if c == "imtl_g":
         return info["a_f"], info["a_r"]
-    if c == "ngdiff":   # zero norm -> skipped term, as geometry._div
-        return tuple(torch.where(n > 0, 1 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
-                     for n in (info["norm_f"], info["norm_r"]))
+    if c == "ngdiff":   # 1/||g||, 0 for a zero-norm (skipped) term, as ngdiff_direction builds d
+        return tuple(geometry._div(torch.ones_like(n), n) for n in (info["norm_f"], info["norm_r"]))
     if c == "blur":     # BLUR eq. 14; with ||g_f|| = 0 the g_f term vanishes whatever its coefficient
         return args["gamma"] - info["xi"], 1.0
     return None
