@@ -65,6 +65,11 @@ def _check_pair(a, b, what="a, b"):
                              f"{tuple(x.shape)} vs {tuple(y.shape)}")
 
 
+def _squared_norm(a, dtype):
+    """Local sum of squares of a non-empty list: one read of each tensor (torch._foreach_norm)."""
+    return torch.stack(torch._foreach_norm(list(a), 2, dtype=dtype)).square().sum()
+
+
 def _partial_dots(pairs, dtype, device, squares_by_norm=False):
     """Local sums <a,b> for each (a, b) in pairs, as one 1-d tensor (one entry per pair).
     squares_by_norm: <a,a> as a sum of squared per-tensor norms, one read of a instead of two (memory
@@ -75,7 +80,7 @@ def _partial_dots(pairs, dtype, device, squares_by_norm=False):
             out.append(torch.zeros((), dtype=dtype, device=device))
             continue
         if squares_by_norm and a is b:
-            out.append(torch.stack(torch._foreach_norm(list(a), 2, dtype=dtype)).square().sum())
+            out.append(_squared_norm(a, dtype))
             continue
         # per-tensor dot on views; bf16/fp16 partials cast to float32 before summing
         out.append(torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).to(dtype)
@@ -190,7 +195,7 @@ def norm(a, group=None) -> torch.Tensor:
     if len(a) == 0:
         sq = torch.zeros((), dtype=dtype, device=device)
     else:
-        sq = torch.stack(torch._foreach_norm(list(a), 2, dtype=dtype)).square().sum()
+        sq = _squared_norm(a, dtype)
     return _sqrt(_all_reduce(sq, group))
 
 
