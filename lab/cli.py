@@ -167,6 +167,12 @@ def cmd_report(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_claims(args) -> None:
+    from lab import claims
+    out = claims.write(args.reports, args.out)
+    print(f"lab claims: {len(claims.find(args.reports))} claims files -> {out}")
+
+
 # two demo notebooks side by side: the tiny model uses 2 threads poorly (README: demo timings)
 DEMO_JOBS = min(2, len(os.sched_getaffinity(0)))
 
@@ -320,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-p", "--param", nargs="*", metavar="K=V", help="parameter overrides, e.g. eval_limit=4")
     sp.add_argument("-j", "--jobs", type=int, default=1, help="notebooks at once, each with 1/jobs of the cores")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("claims", help="merge the notebooks' claims files into the claims ledger (docs/claims.md)",
+                        description="Collect <dir>/*.claims.json (written by `lab report` beside each report) into "
+                                    "one markdown ledger: per paper, each claim's verdict and numbers per executed profile.")
+    sp.add_argument("--reports", nargs="+", default=["reports"], help="directories with *.claims.json (default: reports/)")
+    sp.add_argument("--out", default="docs/claims.md", help="ledger path (default: docs/claims.md)")
+    sp.set_defaults(func=cmd_claims)
 
     sp = sub.add_parser("demo", help="the embedded default end to end: prepare, every notebook (demo profile), "
                                      "HTML reports, then the dashboard")

@@ -294,12 +294,17 @@ def _number(x) -> float:
 VERDICTS = {True: "holds at this scale", False: "does not hold at this scale", None: "not testable at this scale"}
 
 
-def claim(text: str, holds, detail: str = "") -> dict:
+def claim(text: str, holds, detail: str = "", paper: str = "") -> dict:
     """Print one verdict line for a paper claim and return it as a record (collect them into a table).
     holds: a bool computed from the outputs, or None when the outputs cannot decide (e.g. nothing was
-    unlearned, a run diverged)."""
+    unlearned, a run diverged). paper: the paper's own number for it, for the claims ledger. In a
+    notebook kernel the record is also published for `lab claims` (lab.claims.publish)."""
+    from lab.claims import publish
     if holds is not None:
         holds = bool(holds)
     record = {"claim": text, "verdict": VERDICTS[holds], "detail": detail}
+    if paper:
+        record["paper"] = paper
     print(f"[{record['verdict'].upper()}] {text}" + (f" -- {detail}" if detail else ""))
+    publish(record)
     return record

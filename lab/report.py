@@ -179,6 +179,7 @@ def run_notebook(name: str, profile: str = CPU_PROFILE, out: str | os.PathLike =
     """
     import nbformat
     import papermill as pm
+    from lab import claims
     from lab.runs import atomic_write_text
 
     src = notebook_path(name, notebooks)
@@ -200,6 +201,7 @@ def run_notebook(name: str, profile: str = CPU_PROFILE, out: str | os.PathLike =
     if progress:
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "notebook defaults"
         print(f"[report] {name} ({profile}): {shown}", flush=True)
+    started = time.time()
     try:
         pm.execute_notebook(str(src), str(tmp), parameters=values, kernel_name=KERNEL, language="python",
                             progress_bar=progress, cwd=os.getcwd(), execution_timeout=timeout)
@@ -217,7 +219,9 @@ def run_notebook(name: str, profile: str = CPU_PROFILE, out: str | os.PathLike =
             os.replace(tmp, failed)
         raise
     nb = nbformat.read(tmp, as_version=4)
-    atomic_write_text(html, notebook_html(nb))
+    # the notebook's claim verdicts beside its report, for the claims ledger (`lab claims`)
+    claims.claims_file(nb, notebook=name, profile=profile, params=values, seconds=time.time() - started, out=out)
+    atomic_write_text(html, notebook_html(claims.without_claims(nb)))
     os.chmod(html, 0o644)   # the atomic writer's temp file is private; a report is meant to be shared
     os.replace(tmp, final)
     failed.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ import ast
 import nbformat
 import pytest
 
-from lab import report, runs
+from lab import claims, report, runs
 
 NAMES = report.list_notebooks()
 PROFILES = ("smoke", "demo", "gpu")
@@ -73,3 +73,6 @@ def test_smoke_profile_executes(name, prepared_tiny, tmp_path):
         assert not rec.evals.empty
     listed = runs.list_runs(tmp_path / "runs")
     assert len(listed) == len(found) and listed["method"].notna().all()
+    if name in claims.PAPERS and name != "00_quickstart":   # every paper notebook feeds the claims ledger
+        ledger = claims.load(tmp_path / f"{name}-smoke.claims.json")
+        assert ledger["claims"] and ledger["profile"] == "smoke" and ledger["notebook"] == name
