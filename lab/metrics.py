@@ -35,6 +35,24 @@ evaluation logs in shared/data/reference/. Conventions, and the log each was ver
 - MIA AUC: ROC AUC with members (forget) positive and higher score = member. open-unlearning logs
   loss-like per-row scores for loss, min_k (= -min_k_percent) and zlib; feeding them through
   membership_score reproduces every logged mia_loss / mia_min_k / mia_zlib AUC (TOFU and MUSE, ~1e-16).
+- Min-K%++: per token z = (log p(x_t) - mu_t) / sqrt(max(var_t, 1e-6)), mu_t / var_t the mean / variance
+  of log p(z) under the model's next-token distribution (open-unlearning clamps the variance at 1e-6);
+  score = mean of the lowest max(1, int(n * k)) z. open-unlearning logs the negated value (loss-like);
+  here min_k_plus_plus returns the mean z (higher = member). Answer tokens without the final EOS.
+- GradNorm: per row, the gradient of its mean answer NLL; score = mean over parameter tensors of each
+  tensor's 2-norm (open-unlearning's p=2; lower = member). Reference: NLL_model - NLL_reference per row
+  (lower = member); the logged MUSE / TOFU per-row scores equal the difference of the two models' logged
+  mean answer NLLs up to bf16 noise (MUSE 3e-3, TOFU median 6e-3). All three AUCs through
+  membership_score reproduce the logged mia_min_k_plus_plus / mia_gradnorm / mia_reference (~1e-16).
+- Exact memorization: fraction of answer tokens whose teacher-forced argmax is the true token;
+  extraction strength: 1 - k / n for the smallest k with argmax[k:] == answer[k:] (no such k: 0, METHODS
+  §6; open-unlearning's loop ends at k = n - 1 there and gives 1 / n: no_match="open_unlearning").
+  Answer tokens WITHOUT the EOS: every logged per-row EM and ES of TOFU_EVAL.json (Llama-2, forget10)
+  is a multiple of 1 / n with n = locuslab's num_token_gt - 1 (its count includes the EOS) on all 300
+  rows; the logged aggregates are the row means.
+- Truth-ratio aggregators by name (TRUTH_RATIO_AGGREGATORS): closer_to_1_better = mean(min(R, 1/R)),
+  true_better = mean(max(0, 1 - R)), prob_mean = mean(p_true / (p_true + p_false)) = mean(1 / (1 + R))
+  (open-unlearning #163, an option there too).
 - PrivLeak: open-unlearning and MUSE use AUC' = 1 - (member-positive AUC) and
   privleak = (AUC'_unl - AUC'_ref) / (AUC'_ref + 1e-10) * 100 (1e-10: open-unlearning's guard).
   With member-positive AUCs a, r that is (r - a) / (1 - r) * 100: memorising model about -100,
@@ -54,7 +72,10 @@ from scipy.stats import ks_2samp, rankdata
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 TRUTH_RATIO_KINDS = ("forget", "utility")
-MIA_SCORES = ("loss", "min_k", "zlib")
+MIA_SCORES = ("loss", "min_k", "zlib", "min_k_plus_plus", "gradnorm", "reference")
+LOSS_LIKE_MIA_SCORES = ("loss", "zlib", "gradnorm", "reference")  # lower = member; the others higher = member
+ES_NO_MATCH = ("zero", "open_unlearning")
+MIN_K_PP_VAR_FLOOR = 1e-6  # open-unlearning clamps the next-token log-prob variance here
 PRIVLEAK_EPS = 1e-10  # open-unlearning's guard in the PrivLeak denominator (logs match to ~1e-12)
 
 
@@ -114,6 +135,28 @@ def truth_ratio_stat(R, kind: str = "forget") -> float:
     return float(np.mean(np.maximum(0.0, 1 - R)))
 
 
+def _prob_mean(R) -> float:
+    R = np.asarray(R, dtype=float)
+    if R.size == 0:
+        raise ValueError("truth-ratio aggregate of an empty array")
+    return float(np.mean(1 / (1 + R)))  # p_true / (p_true + p_false) with R = p_false / p_true
+
+
+TRUTH_RATIO_AGGREGATORS = {
+    "closer_to_1_better": lambda R: truth_ratio_stat(R, "forget"),   # forget set default
+    "true_better": lambda R: truth_ratio_stat(R, "utility"),         # retain / real / world default
+    "prob_mean": _prob_mean,                                         # open-unlearning #163 option
+}
+
+
+def truth_ratio_aggregate(R, aggregator: str) -> float:
+    """Aggregate per-row truth ratios R by name (TRUTH_RATIO_AGGREGATORS)."""
+    if aggregator not in TRUTH_RATIO_AGGREGATORS:
+        raise ValueError(f"unknown truth-ratio aggregator {aggregator!r}; "
+                         f"valid: {', '.join(TRUTH_RATIO_AGGREGATORS)}")
+    return TRUTH_RATIO_AGGREGATORS[aggregator](R)
+
+
 def _finite_1d(x, name) -> np.ndarray:
     x = np.asarray(x, dtype=float).ravel()
     if x.size == 0:
@@ -156,6 +199,42 @@ def min_k_percent(token_logprobs, k: float = 0.4) -> float:
     return float(np.sort(lp)[:n].mean())
 
 
+def min_k_plus_plus_z(token_logprobs, mu, var) -> np.ndarray:
+    """Per-token Min-K%++ z-scores (log p(x_t) - mu_t) / sqrt(var_t), var clamped at MIN_K_PP_VAR_FLOOR.
+
+    mu_t = sum_z p(z) log p(z), var_t = sum_z p(z) log^2 p(z) - mu_t^2 under the next-token distribution."""
+    lp, mu, var = (np.asarray(x, dtype=float) for x in (token_logprobs, mu, var))
+    if not lp.shape == mu.shape == var.shape:
+        raise ValueError(f"min_k_plus_plus_z: shapes differ: token_logprobs {lp.shape}, mu {mu.shape}, "
+                         f"var {var.shape}")
+    return (lp - mu) / np.sqrt(np.maximum(var, MIN_K_PP_VAR_FLOOR))
+
+
+def min_k_plus_plus(z_scores, k: float = 0.4) -> float:
+    """Min-K%++: mean of the lowest max(1, int(n * k)) per-token z-scores (higher = member)."""
+    if not 0 < k <= 1:
+        raise ValueError(f"min_k_plus_plus k must be in (0, 1], got {k}")
+    z = np.asarray(z_scores, dtype=float).ravel()
+    if z.size == 0:
+        raise ValueError("min_k_plus_plus of an empty sequence of z-scores")
+    return float(np.sort(z)[:max(1, int(len(z) * k))].mean())
+
+
+def gradnorm(tensor_norms) -> float:
+    """GradNorm score of one row: mean over parameter tensors of each tensor's gradient 2-norm."""
+    norms = _finite_1d(tensor_norms, "gradnorm tensor_norms")
+    return float(norms.mean())
+
+
+def reference_score(nll_model, nll_reference):
+    """Reference MIA score: mean answer NLL under the model minus under the reference (retain) model."""
+    a, b = np.asarray(nll_model, dtype=float), np.asarray(nll_reference, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"reference_score: nll_model shape {a.shape} != nll_reference shape {b.shape}")
+    d = a - b
+    return float(d) if d.ndim == 0 else d
+
+
 def zlib_score(loss: float, text: str) -> float:
     """loss / zlib entropy (bytes of zlib-compressed UTF-8 text); open-unlearning passes the mean NLL."""
     if not isinstance(text, str):
@@ -166,9 +245,9 @@ def zlib_score(loss: float, text: str) -> float:
 def membership_score(score_name: str, values) -> np.ndarray:
     """Orient attack scores so that higher = more likely a member."""
     values = np.asarray(values, dtype=float)
-    if score_name in ("loss", "zlib"):  # members have low loss
+    if score_name in LOSS_LIKE_MIA_SCORES:  # members have low loss / small gradients / lower than reference
         return -values
-    if score_name == "min_k":  # a mean log-prob: members high
+    if score_name in ("min_k", "min_k_plus_plus"):  # a mean log-prob / z-score: members high
         return values.copy()
     raise ValueError(f"unknown MIA score {score_name!r}; valid: {', '.join(MIA_SCORES)}")
 
@@ -195,3 +274,37 @@ def privleak(auc_unlearned: float, auc_reference: float) -> float:
         raise ValueError("auc_reference = 1 gives AUC' = 0: PrivLeak is undefined")
     ref = 1 - auc_reference
     return float(((1 - auc_unlearned) - ref) / (ref + PRIVLEAK_EPS) * 100)
+
+
+# ---------------------------------------------------------------- memorization (teacher-forced argmax)
+def _token_pair(pred_tokens, true_tokens, name):
+    pred, true = np.asarray(pred_tokens).ravel(), np.asarray(true_tokens).ravel()
+    if pred.shape != true.shape:
+        raise ValueError(f"{name}: {pred.size} predicted tokens but {true.size} answer tokens")
+    if true.size == 0:
+        raise ValueError(f"{name} of an empty answer (no answer tokens)")
+    return pred, true
+
+
+def exact_memorization(pred_tokens, true_tokens) -> float:
+    """Fraction of answer tokens where the teacher-forced argmax equals the true token."""
+    pred, true = _token_pair(pred_tokens, true_tokens, "exact_memorization")
+    return float(np.mean(pred == true))
+
+
+def extraction_strength(pred_tokens, true_tokens, no_match: str = "zero") -> float:
+    """1 - k / n, k the smallest index with pred[k:] == true[k:] (the longest correctly predicted suffix).
+
+    no_match: where even the last token is wrong, "zero" -> 0 (METHODS §6), "open_unlearning" -> 1 / n
+    (its loop stops at k = n - 1 without a match)."""
+    if no_match not in ES_NO_MATCH:
+        raise ValueError(f"extraction_strength no_match={no_match!r}; valid: {', '.join(ES_NO_MATCH)}")
+    pred, true = _token_pair(pred_tokens, true_tokens, "extraction_strength")
+    wrong = np.flatnonzero(pred != true)
+    n = len(true)
+    if wrong.size == 0:
+        return 1.0
+    k = wrong[-1] + 1  # suffix after the last mismatch
+    if k == n and no_match == "open_unlearning":
+        k = n - 1
+    return float(1 - k / n)

@@ -119,8 +119,8 @@ def test_membership_score_orientation():
     # a memorised (low-loss) member beats a non-member under every score
     member, non = metrics.membership_score("loss", [0.1]), metrics.membership_score("loss", [3.0])
     assert metrics.mia_auc(member, non) == 1
-    with pytest.raises(ValueError, match="loss, min_k, zlib"):
-        metrics.membership_score("gradnorm", [1.0])
+    with pytest.raises(ValueError, match="loss, min_k, zlib, min_k_plus_plus, gradnorm, reference"):
+        metrics.membership_score("min_k_pp", [1.0])
 
 
 def test_mia_auc():
@@ -148,6 +148,101 @@ def test_privleak():
         metrics.privleak(0.5, 1.0)
 
 
+def test_exact_memorization():
+    assert metrics.exact_memorization([1, 2, 0, 4], [1, 2, 3, 4]) == 0.75
+    assert metrics.exact_memorization(np.array([5]), np.array([5])) == 1.0
+    assert metrics.exact_memorization([0, 0, 0], [1, 2, 3]) == 0.0
+    with pytest.raises(ValueError, match="3 predicted tokens but 2 answer tokens"):
+        metrics.exact_memorization([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="empty answer"):
+        metrics.exact_memorization([], [])
+
+
+def _es_open_unlearning_loop(pred, true):
+    """open-unlearning's extraction_strength loop (evals/metrics/memorization.py), for comparison."""
+    n = len(true)
+    for k in range(n):
+        if list(pred[k:]) == list(true[k:]):
+            break
+    return 1 - k / n
+
+
+def test_extraction_strength_suffix_cases():
+    true = [1, 2, 3, 4]
+    assert metrics.extraction_strength([1, 2, 3, 4], true) == 1.0            # match from k = 0
+    assert metrics.extraction_strength([0, 2, 3, 4], true) == 0.75           # from k = 1
+    assert metrics.extraction_strength([1, 2, 0, 4], true) == 0.25           # EM 3/4, but suffix only the last
+    assert metrics.extraction_strength([9, 9, 9, 4], true) == 0.25           # match starts at the last token
+    assert metrics.extraction_strength([1, 2, 3, 0], true) == 0.0            # never (last token wrong)
+    assert metrics.extraction_strength([1, 2, 3, 0], true, no_match="open_unlearning") == 0.25  # its 1 / n
+    assert metrics.extraction_strength([9, 9, 9, 4], true, no_match="open_unlearning") == 0.25
+    assert metrics.extraction_strength([7], [8]) == 0.0 and metrics.extraction_strength([8], [8]) == 1.0
+    with pytest.raises(ValueError, match="no_match='one'; valid: zero, open_unlearning"):
+        metrics.extraction_strength(true, true, no_match="one")
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = int(rng.integers(1, 8))
+        t = rng.integers(0, 2, n)
+        p = np.where(rng.random(n) < 0.7, t, 1 - t)
+        ou = metrics.extraction_strength(p, t, no_match="open_unlearning")
+        assert ou == pytest.approx(_es_open_unlearning_loop(p, t))
+        assert metrics.extraction_strength(p, t) == (0.0 if p[-1] != t[-1] else ou)
+
+
+def test_min_k_plus_plus_z_by_hand():
+    p = np.array([0.5, 0.25, 0.25])
+    mu = float((p * np.log(p)).sum())                       # -1.0397
+    var = float((p * np.log(p) ** 2).sum() - mu ** 2)       # 0.1201
+    assert mu == pytest.approx(0.5 * math.log(0.5) + 0.5 * math.log(0.25))
+    z = metrics.min_k_plus_plus_z([math.log(0.5), math.log(0.25)], [mu, mu], [var, var])
+    np.testing.assert_allclose(z, [(math.log(0.5) - mu) / math.sqrt(var), (math.log(0.25) - mu) / math.sqrt(var)])
+    assert z[0] > 0 > z[1]
+    # a one-hot next-token distribution: variance 0 is floored at 1e-6 (sqrt = 1e-3), as open-unlearning does
+    np.testing.assert_allclose(metrics.min_k_plus_plus_z([0.0, -1.0], [0.0, 0.0], [0.0, -1e-9]), [0.0, -1000.0])
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.min_k_plus_plus_z([0.0, 1.0], [0.0], [1.0, 1.0])
+
+
+def test_min_k_plus_plus():
+    z = [2.0, -3.0, 0.0, 5.0, -1.0]
+    assert metrics.min_k_plus_plus(z, k=0.4) == -2.0            # int(5 * 0.4) = 2 lowest: -3, -1
+    assert metrics.min_k_plus_plus(z[:3], k=0.4) == -3.0         # int(1.2) = 1
+    assert metrics.min_k_plus_plus(z, k=1.0) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match=r"k must be in \(0, 1\]"):
+        metrics.min_k_plus_plus(z, k=0)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.min_k_plus_plus([])
+
+
+def test_gradnorm_and_reference_scores():
+    assert metrics.gradnorm([3.0, 4.0, 5.0]) == 4.0
+    assert metrics.gradnorm(np.array([2.0], dtype=np.float32)) == 2.0
+    with pytest.raises(ValueError, match="non-finite values at rows \\[1\\]"):
+        metrics.gradnorm([1.0, float("inf")])
+    assert metrics.reference_score(0.5, 2.0) == -1.5
+    np.testing.assert_allclose(metrics.reference_score([0.5, 3.0], [2.0, 1.0]), [-1.5, 2.0])
+    with pytest.raises(ValueError, match="shape"):
+        metrics.reference_score([1.0, 2.0], [1.0])
+    # orientation: low gradnorm / reference (loss-like) and high min_k_plus_plus z mean member
+    np.testing.assert_array_equal(metrics.membership_score("gradnorm", [0.1, 2.0]), [-0.1, -2.0])
+    np.testing.assert_array_equal(metrics.membership_score("reference", [-1.0, 0.0]), [1.0, -0.0])
+    np.testing.assert_array_equal(metrics.membership_score("min_k_plus_plus", [0.5, -2.0]), [0.5, -2.0])
+
+
+def test_truth_ratio_aggregators_by_name():
+    R = [0.5, 2.0, 1.0]
+    assert set(metrics.TRUTH_RATIO_AGGREGATORS) == {"closer_to_1_better", "true_better", "prob_mean"}
+    assert metrics.truth_ratio_aggregate(R, "closer_to_1_better") == pytest.approx(2 / 3)
+    assert metrics.truth_ratio_aggregate(R, "true_better") == pytest.approx(1 / 6)
+    # p_true / (p_true + p_false) with R = p_false / p_true: 2/3, 1/3, 1/2
+    assert metrics.truth_ratio_aggregate(R, "prob_mean") == pytest.approx(0.5)
+    assert metrics.truth_ratio_aggregate([0.0], "prob_mean") == 1.0
+    with pytest.raises(ValueError, match="valid: closer_to_1_better, true_better, prob_mean"):
+        metrics.truth_ratio_aggregate(R, "mean")
+    with pytest.raises(ValueError, match="empty"):
+        metrics.truth_ratio_aggregate([], "prob_mean")
+
+
 # ---------------------------------------------------------------- reference logs: helpers
 @pytest.fixture(scope="module")
 def ref(shared_data):
@@ -169,9 +264,10 @@ def _rows(d, key, field="score"):
 
 
 def _logged_mia_auc(d, name):
-    """Our AUC from open-unlearning's per-row attack scores (all loss-like: min_k = -min_k_percent)."""
+    """Our AUC from open-unlearning's per-row attack scores (all loss-like: min_k = -min_k_percent,
+    min_k_plus_plus = -our mean z)."""
     forget, holdout = (_rows(d[f"mia_{name}"], s) for s in ("forget", "holdout"))
-    if name == "min_k":
+    if name in ("min_k", "min_k_plus_plus"):
         forget, holdout = -forget, -holdout
     return metrics.mia_auc(metrics.membership_score(name, forget), metrics.membership_score(name, holdout))
 
@@ -267,11 +363,65 @@ def test_open_unlearning_truth_ratios_and_utility(ref, model, split):
 def test_open_unlearning_mia_and_privleak(ref, model, split):
     full, full_sum, retain, retain_sum = _tofu(ref, model, split)
     for d, summary in ((full, full_sum), (retain, retain_sum)):
-        for name in metrics.MIA_SCORES:
+        # a retain model has no reference model, so its log has no mia_reference
+        names = [n for n in metrics.MIA_SCORES if f"mia_{n}" in d]
+        assert set(metrics.MIA_SCORES) - set(names) <= {"reference"} and ("reference" in names) == (d is full)
+        for name in names:
             assert _logged_mia_auc(d, name) == pytest.approx(summary[f"mia_{name}"], abs=1e-12)
+            assert d[f"mia_{name}"]["auc"] == pytest.approx(summary[f"mia_{name}"], abs=1e-12)
     leak = metrics.privleak(full_sum["mia_min_k"], retain_sum["mia_min_k"])
     assert leak == pytest.approx(full_sum["privleak"], abs=1e-9)
     assert metrics.privleak(retain_sum["mia_min_k"], 0.5) == pytest.approx(retain_sum["privleak"], abs=1e-9)
+
+
+def _tofu_eval_files(ref):
+    files = sorted((ref / "tofu_open_unlearning").glob("*/TOFU_EVAL.json")) + sorted(
+        (ref / "tofu_open_unlearning").glob("*/evals_forget*/TOFU_EVAL.json"))
+    assert len(files) == 24  # 4 models x (3 full forget splits + 3 retain models)
+    return files
+
+
+def test_open_unlearning_em_es_aggregates(ref):
+    for path in _tofu_eval_files(ref):
+        d, summary = _json(path), _json(path.with_name("TOFU_SUMMARY.json"))
+        for key in ("exact_memorization", "extraction_strength"):
+            rows = _rows(d, key)
+            assert len(rows) == len(d["forget_Q_A_Prob"]["value_by_index"])  # the forget set
+            assert rows.mean() == pytest.approx(d[key]["agg_value"], abs=1e-9), (path, key)
+            if key in summary:
+                assert rows.mean() == pytest.approx(summary[key], abs=1e-9), (path, key)
+
+
+@pytest.mark.parametrize("kind,ou", [("retain90", "tofu_Llama-2-7b-chat-hf_retain90"),
+                                     ("full", "tofu_Llama-2-7b-chat-hf_full/evals_forget10")])
+def test_open_unlearning_em_es_count_answer_tokens_without_eos(ref, kind, ou):
+    """EM / ES per row are multiples of 1/n with n = answer tokens WITHOUT the EOS: locuslab's num_token_gt
+    (same Llama-2 tokenizer, same forget10 rows; it counts the EOS) minus 1, on every one of the 300 rows.
+    (The retain model's rows are informative: EM, ES strictly between 0 and 1.)"""
+    d = _json(ref / "tofu_open_unlearning" / ou / "TOFU_EVAL.json")
+    n_gt = _locuslab(ref, "llama2-7b", kind, "0")["num_token_gt"]
+    em, es = _rows(d, "exact_memorization")[:300], _rows(d, "extraction_strength")[:300]
+    n = np.array([n_gt[str(i)] for i in range(300)])
+
+    def fits(n):
+        return (np.abs(em * n - np.round(em * n)) < 2e-5 * n) & (np.abs((1 - es) * n - np.round((1 - es) * n)) < 1e-6)
+    assert fits(n - 1).all()
+    if kind == "retain90":
+        assert fits(n).mean() < 0.05 and fits(n - 2).mean() < 0.05  # with / without one more token: no
+    # ES 1 exactly where every token is predicted (EM 1; logged in float32, so n/n can read 0.99999994)
+    np.testing.assert_array_equal(es == 1, np.isclose(em, 1, rtol=0, atol=1e-6))
+
+
+@pytest.mark.parametrize("model,split", PAIRS)
+def test_open_unlearning_reference_mia_is_nll_difference(ref, model, split):
+    """Per-row Reference score = the full model's mean answer NLL - the retain model's (logged mia_loss
+    scores of the two runs; bf16 noise: median 6e-3); its AUC = logged mia_reference."""
+    full, full_sum, retain, _ = _tofu(ref, model, split)
+    for s in ("forget", "holdout"):
+        ours = metrics.reference_score(_rows(full["mia_loss"], s), _rows(retain["mia_loss"], s))
+        diff = np.abs(ours - _rows(full["mia_reference"], s))
+        assert np.median(diff) < 0.02 and diff.max() < 0.1
+    assert _logged_mia_auc(full, "reference") == pytest.approx(full_sum["mia_reference"], abs=1e-12)
 
 
 def test_open_unlearning_zlib_is_mean_nll_over_compressed_answer(ref):
@@ -320,8 +470,15 @@ def test_muse_news_reference(ref):
             f1 = [metrics.rouge_l_f1(r["generation"], r["ground_truth"]) for r in rows]
             np.testing.assert_allclose(f1, [r["rougeL_f1"] for r in rows], atol=1e-12)
             assert np.mean(f1) == pytest.approx(summ[m][key], rel=1e-12)  # MUSE aggregates ROUGE-L F1
-        for name in metrics.MIA_SCORES:
+        for name in [n for n in metrics.MIA_SCORES if n != "reference" or m == "target"]:
             assert _logged_mia_auc(d, name) == pytest.approx(summ[m][f"mia_{name}"], abs=1e-12)
+        for key in ("exact_memorization", "extraction_strength"):  # verbmem forget rows: row means
+            assert _rows(d, key).mean() == pytest.approx(summ[m][key], abs=1e-9)
+            assert d[key]["agg_value"] == pytest.approx(summ[m][key], abs=1e-9)
+    assert "mia_reference" not in ev["retrain"]
+    for s in ("forget", "holdout"):  # Reference = target NLL - retrain NLL per excerpt (bf16 noise 3e-3)
+        ours = metrics.reference_score(_rows(ev["target"]["mia_loss"], s), _rows(ev["retrain"]["mia_loss"], s))
+        np.testing.assert_allclose(ours, _rows(ev["target"]["mia_reference"], s), atol=5e-3)
     target, retrain = summ["target"]["mia_min_k"], summ["retrain"]["mia_min_k"]
     assert metrics.privleak(target, retrain) == pytest.approx(summ["target"]["privleak"], abs=1e-9)  # -99.81
     assert metrics.privleak(retrain, 0.5) == pytest.approx(summ["retrain"]["privleak"], abs=1e-9)  # -4.72
