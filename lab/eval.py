@@ -23,6 +23,10 @@ from tqdm.auto import tqdm
 from lab import metrics
 from lab.data import encode_pairs, encode_prompts, format_question
 
+# Bump when a metric's definition or scoring convention changes: cached evaluations (lab.prepare) are
+# keyed on it and recomputed (no fine-tune) under the new definitions.
+EVAL_VERSION = 1
+
 # METHODS §6 generation lengths
 MAX_NEW_TOKENS = {"tofu": 200, "verbmem": 128, "knowmem": 32}
 TOFU_UTILITY_SETS = ("retain", "real_authors", "world_facts")

@@ -5,15 +5,23 @@
     retain, tok = prepared.load("retain")     # fine-tuned on retain only (the gold standard)
     prepared.target_eval["metrics"]["forget_rouge"]   # the target really knows the forget set
 
-Both are cached under $LAB_CACHE/prepared/<hash> where the hash covers (base model, benchmark config,
-hyper-parameters, seed, lab version): a second call with the same inputs loads in about a second.
-Fresh preparation also writes a run directory (kind 'prepare') with the fine-tuning loss trace and
-both evaluations, so the dashboard shows it like any other run.
+Two cache levels, so that a change of evaluation conventions never retrains:
+- the fine-tuned models under $LAB_CACHE/prepared/<model key>, the key covering the base model, the
+  training hyper-parameters, the seed, the lab version and the CONTENT of the rows trained on
+  (train_full, train_retain): edited data files never reuse old models;
+- their evaluations under <that dir>/evals/<eval key>, the key covering the scoring options
+  (EVAL_OPTIONS: eval_limit, score_eos, ...), lab.eval.EVAL_VERSION and the content of the eval sets.
+  A missing evaluation is recomputed from the cached models (no fine-tune).
+A second call with the same inputs loads in about a second. Fresh preparation also writes a run
+directory (kind 'prepare') with the fine-tuning loss trace and both evaluations, so the dashboard shows
+it like any other run. One process prepares an entry at a time (a lock file, removed on release).
 """
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -27,12 +35,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from filelock import FileLock
 from tqdm.auto import tqdm
 
 import lab
 from lab import runs
 from lab.data import benchmark_from_config, get_benchmark, qa_batches
+from lab import eval as lab_eval
 from lab.eval import evaluate, privleak_or_nan
 from lab.models import load_model, model_info
 
@@ -105,6 +113,7 @@ class Prepared:
     target_eval: dict
     retain_eval: dict
     run_dir: Path | None = None
+    eval_path: Path | None = None   # where target_eval / retain_eval are cached (one per eval key)
 
     def load(self, which: str = "target", dtype=None, device="cpu"):
         if which not in ("target", "retain"):
@@ -135,10 +144,69 @@ def prepare_config(model="tiny", benchmark="tofu_subset", benchmark_kwargs=None,
     return cfg
 
 
-def _hash(cfg: dict) -> str:
-    keyed = {k: v for k, v in cfg.items() if k not in ("eval_batch_size",)}
-    keyed["lab_version"] = lab.__version__
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# which config fields key what: the models are keyed on TRAIN_OPTIONS (+ the rows trained on), their
+# evaluations on EVAL_OPTIONS (+ the eval rows, lab.eval.EVAL_VERSION). eval_batch_size keys neither:
+# batching does not change the numbers.
+TRAIN_OPTIONS = ("model", "seed", "epochs", "lr", "batch_size", "weight_decay", "warmup", "max_length", "autocast")
+EVAL_OPTIONS = ("eval_limit", "score_eos", "autocast")
+
+
+def data_hash(*datasets) -> str:
+    """sha256 of the rows of datasets (every column, in order): the same rows give the same hash
+    whatever file or folder they were read from."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        h.update(json.dumps(ds.to_dict(), sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def cache_keys(cfg: dict, bench=None) -> tuple[str, str]:
+    """(model key, eval key) of a prepare config; bench: its benchmark, when already built."""
+    bench = bench or benchmark_from_config(cfg["benchmark"])
+    model = {k: cfg[k] for k in TRAIN_OPTIONS}
+    model.update(lab_version=lab.__version__, data=data_hash(bench.train_full, bench.train_retain))
+    sets = sorted(bench.eval_sets)
+    evals = {k: cfg.get(k) for k in EVAL_OPTIONS}
+    evals.update(eval_version=lab_eval.EVAL_VERSION, sets=sets, data=data_hash(*(bench.eval_sets[s] for s in sets)))
+    key = lambda d: hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]  # noqa: E731
+    return key(model), key(evals)
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path):
+    """Exclusive lock on one cache entry (<path>.lock), removed again on release, also when the holder
+    fails. A waiter that locked a file its holder has just removed sees that the path no longer names
+    its file and locks afresh, so removing the file never lets two holders in. (After a kill -9 the file
+    stays, unlocked: the next holder takes it and removes it.)"""
+    lock = Path(str(path) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                held = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                held = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if held:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Temporary dirs of this entry left by a killed preparer (only the lock holder creates them)."""
+    for tmp in [*path.parent.glob(f".{path.name}.*"), *(path / "evals").glob(".*")]:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, seed=0, runs_root="runs",
@@ -149,21 +217,30 @@ def prepare(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, see
     models side by side in two processes, each with half the CPU threads (None: on CPU with >= 2
     threads). Small models use threads poorly, so two half-width processes finish sooner than two
     full-width runs in turn. Neither changes the cache key: the cached models are the same recipe
-    (up to floating-point summation order)."""
+    (up to floating-point summation order). Cached models whose evaluation under the current
+    EVAL_OPTIONS / EVAL_VERSION is missing are only evaluated, not fine-tuned again."""
     cfg = prepare_config(model, benchmark, benchmark_kwargs, seed, **hparams)
-    path = cache_root() / "prepared" / _hash(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    bench = benchmark_from_config(cfg["benchmark"])
+    model_key, eval_key = cache_keys(cfg, bench)
+    path = cache_root() / "prepared" / model_key
     # one preparer per cache entry: parallel test workers / notebooks wait instead of training twice
-    with FileLock(str(path) + ".lock"):
-        if (path / "prepared.json").exists() and not force:
-            prepared = _load_prepared(path)
-            if verbose:
-                print(f"prepared models (cached): {path}")
-                print(memorisation_table(prepared))
-            return prepared
-        if parallel is None:
-            parallel = torch.device(device).type == "cpu" and torch.get_num_threads() >= 2
-        return _prepare_fresh(cfg, path, runs_root, verbose, device, parallel)
+    with entry_lock(path):
+        _remove_stale_tmp(path)
+        if force or not (path / "prepared.json").exists():
+            if parallel is None:
+                parallel = torch.device(device).type == "cpu" and torch.get_num_threads() >= 2
+            prepared = _prepare_fresh(cfg, path, runs_root, verbose, device, parallel, eval_key)
+            fresh = "prepared models"
+        else:
+            fresh = "prepared models (cached)"
+            if not (path / "evals" / eval_key / "eval.json").exists():
+                _evaluate_cached(cfg, bench, path, eval_key, device)
+                fresh = "prepared models (cached; evaluation recomputed)"
+            prepared = _load_prepared(path, eval_key, cfg)
+    if verbose:
+        print(f"{fresh}: {path}" + (f"\nrun: {prepared.run_dir}" if prepared.run_dir else ""))
+        print(memorisation_table(prepared))
+    return prepared
 
 
 CHECKPOINTS = ("retain", "target")   # retain first: the target's evaluation needs it as the reference
@@ -236,32 +313,68 @@ def _worker(argv) -> int:
     return 0
 
 
-def _prepare_fresh(cfg, path, runs_root, verbose, device="cpu", parallel=False) -> Prepared:
-    bench = benchmark_from_config(cfg["benchmark"])
+def _evaluate_both(cfg, bench, model_dir: Path, device="cpu", on_eval=None) -> dict:
+    """Evaluate the retain model, then the target against it (the reference), with the config's
+    evaluation options. on_eval(which, result, seconds) is called after each."""
     autocast_dtype = getattr(torch, cfg["autocast"]) if cfg["autocast"] else None
+    results = {}
+    for which in CHECKPOINTS:
+        t0 = time.time()
+        net, tok = load_model(str(model_dir / which), device=device)
+        res = evaluate(net, tok, bench, reference=results.get("retain"), batch_size=cfg["eval_batch_size"],
+                       limit=cfg["eval_limit"], autocast_dtype=autocast_dtype,
+                       **({"score_eos": cfg["score_eos"]} if "score_eos" in cfg else {}))
+        if which == "retain":  # the reference against itself: FQ = 1, PrivLeak = 0 by construction
+            res = evaluate_reference_self(res)
+        results[which] = res
+        if on_eval:
+            on_eval(which, res, time.time() - t0)
+    return results
+
+
+def _write_eval(out: Path, cfg: dict, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for which, res in results.items():
+        res["rows"].to_parquet(out / f"{which}_eval_rows.parquet", index=False)
+    runs.atomic_write_json(out / "eval.json", {   # written last: marks the entry complete
+        "eval_options": {k: cfg.get(k) for k in EVAL_OPTIONS}, "eval_version": lab_eval.EVAL_VERSION,
+        "metrics": {w: r["metrics"] for w, r in results.items()}})
+
+
+def _evaluate_cached(cfg, bench, path: Path, eval_key: str, device="cpu") -> None:
+    """Evaluate cached models under new evaluation options (no fine-tune); written atomically."""
+    evals = path / "evals"
+    evals.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=evals, prefix=f".{eval_key}."))
+    try:
+        _write_eval(tmp, cfg, _evaluate_both(cfg, bench, path, device))
+        os.replace(tmp, evals / eval_key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _prepare_fresh(cfg, path, runs_root, verbose, device="cpu", parallel=False, eval_key=None) -> Prepared:
+    bench = benchmark_from_config(cfg["benchmark"])
+    eval_key = eval_key or cache_keys(cfg, bench)[1]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         with runs.create_run({**cfg, "device": device, "parallel": bool(parallel)}, root=runs_root) as run:
             trained = _finetune_both(cfg, tmp, device, parallel)
-            results = {}
             for which in CHECKPOINTS:
                 for row in trained[which]:
                     run.log_step({k: v for k, v in row.items() if k != "finetune_seconds"})
-                t0 = time.time()
-                net, tok = load_model(str(tmp / which), device=device)
-                res = evaluate(net, tok, bench, reference=results.get("retain"), batch_size=cfg["eval_batch_size"],
-                               limit=cfg["eval_limit"], autocast_dtype=autocast_dtype)
-                if which == "retain":  # the reference against itself: FQ = 1, PrivLeak = 0 by construction
-                    res = evaluate_reference_self(res)
-                results[which] = res
+
+            def log(which, res, seconds):
                 run.log_eval({"step": 0, "checkpoint": which, "finetune_seconds": trained[which][-1]["finetune_seconds"],
-                              "eval_seconds": time.time() - t0, **res["metrics"]}, rows=res["rows"])
-                res["rows"].to_parquet(tmp / f"{which}_eval_rows.parquet", index=False)
-            info = model_info(net)
-            meta = {"config": cfg, "model_info": info, "run_dir": str(run.path),
-                    "metrics": {w: r["metrics"] for w, r in results.items()}}
-            runs.atomic_write_json(tmp / "prepared.json", meta)
+                              "eval_seconds": seconds, **res["metrics"]}, rows=res["rows"])
+
+            results = _evaluate_both(cfg, bench, tmp, device, on_eval=log)
+            _write_eval(tmp / "evals" / eval_key, cfg, results)
+            info = model_info(load_model(str(tmp / "target"))[0])
+            meta = {"config": cfg, "model_info": info, "run_dir": str(run.path)}
+            runs.atomic_write_json(tmp / "prepared.json", meta)   # written last: marks the models complete
             run.write_summary(metrics={w: r["metrics"] for w, r in results.items()}, cache=str(path))
         if path.exists():
             shutil.rmtree(path)
@@ -269,11 +382,7 @@ def _prepare_fresh(cfg, path, runs_root, verbose, device="cpu", parallel=False) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prepared = _load_prepared(path)
-    if verbose:
-        print(f"prepared models: {path}\nrun: {prepared.run_dir}")
-        print(memorisation_table(prepared))
-    return prepared
+    return _load_prepared(path, eval_key, cfg)
 
 
 def evaluate_reference_self(res: dict) -> dict:
@@ -287,12 +396,15 @@ def evaluate_reference_self(res: dict) -> dict:
     return {**res, "metrics": m}
 
 
-def _load_prepared(path: Path) -> Prepared:
+def _load_prepared(path: Path, eval_key: str, cfg: dict | None = None) -> Prepared:
     meta = json.loads((path / "prepared.json").read_text())
-    evals = {w: {"benchmark": meta["config"]["benchmark"]["name"], "metrics": meta["metrics"][w],
-                 "rows": pd.read_parquet(path / f"{w}_eval_rows.parquet")} for w in ("target", "retain")}
-    return Prepared(path=path, config=meta["config"], target_eval=evals["target"],
-                    retain_eval=evals["retain"], run_dir=Path(meta["run_dir"]) if meta.get("run_dir") else None)
+    ev = path / "evals" / eval_key
+    metrics = json.loads((ev / "eval.json").read_text())["metrics"]
+    cfg = cfg or meta["config"]
+    evals = {w: {"benchmark": cfg["benchmark"]["name"], "metrics": metrics[w],
+                 "rows": pd.read_parquet(ev / f"{w}_eval_rows.parquet")} for w in ("target", "retain")}
+    return Prepared(path=path, config=cfg, target_eval=evals["target"], retain_eval=evals["retain"],
+                    run_dir=Path(meta["run_dir"]) if meta.get("run_dir") else None, eval_path=ev)
 
 
 MEMORISATION_KEYS = ["forget_rouge", "forget_prob", "forget_truth_ratio", "forget_quality", "retain_rouge",

@@ -1,12 +1,13 @@
 """The TOFU protocol's starting point on the embedded default (tiny model, tofu_subset)."""
 import json
-import time
+import shutil
 
 import pandas as pd
 import pytest
 
 from lab import prepare as prep
 from lab import runs
+from lab.data import read_records
 
 
 def test_target_memorises_the_forget_set_and_the_retain_model_does_not(prepared_tiny):
@@ -35,12 +36,16 @@ def test_prepared_run_directory_and_config(prepared_tiny):
     assert set(rec.rows["set"]) >= {"forget", "retain", "real_authors", "world_facts", "holdout"}
 
 
-def test_cached_second_call_is_fast_and_identical(prepared_tiny, tmp_path):
-    t0 = time.time()
+def test_cached_second_call_loads_without_fine_tuning_or_evaluating(prepared_tiny, tmp_path, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("a cache hit must not fine-tune or evaluate")
+
+    monkeypatch.setattr(prep, "finetune", never)
+    monkeypatch.setattr(prep, "evaluate", never)
     again = prep.prepare(model="tiny", benchmark="tofu_subset", verbose=False, runs_root=tmp_path)
-    assert time.time() - t0 < 30
     assert again.path == prepared_tiny.path
     assert again.target_eval["metrics"] == prepared_tiny.target_eval["metrics"]
+    assert runs.find_runs(tmp_path) == []    # nothing trained: no new prepare run either
     model, tok = again.load("retain")
     assert model.config.num_hidden_layers == 4
     with pytest.raises(ValueError, match="valid: 'target', 'retain'"):
@@ -72,7 +77,7 @@ def test_failure_leaves_no_cache_entry_and_no_run(tmp_path, monkeypatch):
         prep.prepare(model="tiny", benchmark="tofu_subset", verbose=False, runs_root=tmp_path / "runs",
                      benchmark_kwargs={"n_retain_authors": 1, "n_forget_authors": 1}, epochs=1, parallel=False)
     prepared_dir = tmp_path / "cache" / "prepared"
-    assert not [p for p in prepared_dir.iterdir() if not p.name.endswith(".lock")]
+    assert list(prepared_dir.iterdir()) == []     # no cache entry, no tmp dir, no .lock file
     assert runs.find_runs(tmp_path / "runs") == []
 
 
@@ -81,7 +86,7 @@ def test_failure_in_a_worker_process_leaves_nothing_either(tmp_path, monkeypatch
     with pytest.raises(FloatingPointError, match="fine-tune (retain|target): loss is nan"):
         prep.prepare(model="tiny", benchmark="tofu_subset", verbose=False, runs_root=tmp_path / "runs",
                      benchmark_kwargs=SMALL, epochs=2, lr=1e30, parallel=True)
-    assert not [p for p in (tmp_path / "cache" / "prepared").iterdir() if not p.name.endswith(".lock")]
+    assert list((tmp_path / "cache" / "prepared").iterdir()) == []
     assert runs.find_runs(tmp_path / "runs") == []
 
 
@@ -114,3 +119,110 @@ def test_side_by_side_processes_train_the_same_models_as_one_after_the_other(tmp
     assert pd.Series(serial.target_eval["metrics"]).equals(pd.Series(side.target_eval["metrics"]))
     evals = runs.load_run(side.run_dir).evals
     assert (evals["finetune_seconds"] > 0).all() and (evals["eval_seconds"] > 0).all()
+
+
+def _tofu_copy(tmp_path, shared_data, edit=None):
+    """A data root holding a copy of the TOFU files; edit: (file, row, key, new value) changed in the copy."""
+    root = tmp_path / "data"
+    shutil.copytree(shared_data / "tofu", root / "tofu")
+    if edit:
+        name, row, key, value = edit
+        path = root / "tofu" / name
+        rows = read_records(path)
+        rows[row] = {**rows[row], key: value}   # the parsed records are cached: no mutation
+        path.write_text(json.dumps(rows))
+    return root
+
+
+def _keys(root=None, **hp):
+    cfg = prep.prepare_config(model="tiny", benchmark_kwargs={"root": None if root is None else str(root)}, **hp)
+    return prep.cache_keys(cfg)
+
+
+def test_cache_keys_cover_the_rows_used_not_the_names(tmp_path, shared_data):
+    default = _keys()
+    assert _keys(_tofu_copy(tmp_path / "same", shared_data)) == default          # same rows, other folder
+    # an edited training row (author 0 is retained: in train_full and train_retain): new models
+    edited = _keys(_tofu_copy(tmp_path / "train", shared_data, ("full.json", 0, "answer", "Edited.")))
+    assert edited[0] != default[0]
+    # an edited eval-only row (holdout): same models, new evaluation
+    held = _keys(_tofu_copy(tmp_path / "eval", shared_data, ("holdout10.json", 0, "answer", "Edited.")))
+    assert held[0] == default[0] and held[1] != default[1]
+
+
+def test_evaluation_conventions_key_the_evaluations_not_the_models(monkeypatch):
+    model_key, eval_key = _keys()
+    assert _keys(eval_limit=5) == (model_key, _keys(eval_limit=5)[1]) and _keys(eval_limit=5)[1] != eval_key
+    assert _keys(eval_batch_size=3) == (model_key, eval_key)       # batching does not change the numbers
+    assert _keys(epochs=3)[0] != model_key
+    monkeypatch.setattr(prep.lab_eval, "EVAL_VERSION", prep.lab_eval.EVAL_VERSION + 1)
+    bumped = _keys()
+    assert bumped[0] == model_key and bumped[1] != eval_key
+
+
+def test_new_evaluation_options_reuse_the_models_and_evaluate_lazily(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "cache_root", lambda: tmp_path / "cache")
+    hp = dict(benchmark_kwargs=SMALL, epochs=1, verbose=False, parallel=False, runs_root=tmp_path / "runs")
+    first = prep.prepare(eval_limit=2, **hp)
+
+    def never(*a, **k):
+        raise AssertionError("new evaluation options must not fine-tune")
+
+    monkeypatch.setattr(prep, "finetune", never)
+    other = prep.prepare(eval_limit=3, **hp)
+    assert other.path == first.path and other.eval_path != first.eval_path
+    assert (other.target_eval["rows"].groupby("set").size() == 3).all()
+    assert (first.target_eval["rows"].groupby("set").size() == 2).all()
+    assert len(runs.find_runs(tmp_path / "runs")) == 1                 # only the first call trained
+    again = prep.prepare(eval_limit=2, **hp)                             # both evaluations stay cached
+    assert again.eval_path == first.eval_path
+    assert pd.Series(again.target_eval["metrics"]).equals(pd.Series(first.target_eval["metrics"]))
+    assert sorted(p.name for p in (tmp_path / "cache" / "prepared").iterdir()) == [first.path.name]
+
+
+def test_a_failed_lazy_evaluation_leaves_the_models_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "cache_root", lambda: tmp_path / "cache")
+    hp = dict(benchmark_kwargs=SMALL, epochs=1, verbose=False, parallel=False, runs_root=tmp_path / "runs")
+    first = prep.prepare(eval_limit=2, **hp)
+
+    def broken(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(prep, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        prep.prepare(eval_limit=3, **hp)
+    assert [p.name for p in (first.path / "evals").iterdir()] == [first.eval_path.name]
+    assert sorted(p.name for p in (tmp_path / "cache" / "prepared").iterdir()) == [first.path.name]
+
+
+def test_entry_lock_is_removed_on_release_and_on_failure(tmp_path):
+    entry = tmp_path / "entry"
+    with prep.entry_lock(entry):
+        assert (tmp_path / "entry.lock").exists()
+    assert not (tmp_path / "entry.lock").exists()
+    with pytest.raises(KeyError):
+        with prep.entry_lock(entry):
+            raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_entry_lock_excludes_a_second_holder_even_when_files_are_removed(tmp_path):
+    """Threads stand in for processes (each lock is its own open file). Holders must never overlap,
+    although every release removes the lock file that waiters may already have opened."""
+    import threading
+    entry, inside, overlaps = tmp_path / "entry", [], []
+
+    def work():
+        for _ in range(20):
+            with prep.entry_lock(entry):
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [] and list(tmp_path.iterdir()) == []
