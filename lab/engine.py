@@ -65,6 +65,7 @@ class UnlearnConfig:
     eval_every: int | None = None           # evaluate every k steps (None: only at the end)
     eval_limit: int | None = None           # rows per eval set (None: all)
     eval_batch_size: int = 16
+    score_eos: bool = True                  # answers scored with EOS (TOFU / open-unlearning); False: without
     seed: int = 0
     autocast: str | None = None             # e.g. "bfloat16" (CPU: ~2.5x faster on SmolLM2)
     max_length: int = 512
@@ -556,7 +557,8 @@ def load_starting_point(cfg: UnlearnConfig):
     if cfg.benchmark.startswith("tofu"):
         from lab.prepare import prepare
         prepared = prepare(model=cfg.model, benchmark=cfg.benchmark, benchmark_kwargs=cfg.benchmark_kwargs,
-                           seed=cfg.seed, runs_root=cfg.runs_root, verbose=False, device=cfg.device, **cfg.prepare)
+                           seed=cfg.seed, runs_root=cfg.runs_root, verbose=False, device=cfg.device,
+                           **{"score_eos": cfg.score_eos, **cfg.prepare})
         model, tok = prepared.load("target", device=cfg.device)
         return (model, tok, prepared.benchmark, prepared.retain_eval, prepared.target_eval,
                 {"prepared": str(prepared.path), "prepare_note": prepared.config.get("note", "")})
@@ -586,7 +588,7 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
                          rows=initial["rows"])
 
         def evaluate_fn(step, epoch):
-            res = evaluate(model, tok, bench, reference=reference, limit=cfg.eval_limit,
+            res = evaluate(model, tok, bench, reference=reference, limit=cfg.eval_limit, score_eos=cfg.score_eos,
                            batch_size=cfg.eval_batch_size, autocast_dtype=autocast_dtype, progress=progress)
             run.log_eval({"step": step, "epoch": epoch, "checkpoint": "unlearned", **res["metrics"]},
                          rows=res["rows"])

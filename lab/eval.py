@@ -25,7 +25,7 @@ from lab.data import encode_pairs, encode_prompts, format_question
 
 # Bump when a metric's definition or scoring convention changes: cached evaluations (lab.prepare) are
 # keyed on it and recomputed (no fine-tune) under the new definitions.
-EVAL_VERSION = 1
+EVAL_VERSION = 2   # 2: score_eos (answers scored with EOS by default)
 
 # METHODS §6 generation lengths
 MAX_NEW_TOKENS = {"tofu": 200, "verbmem": 128, "knowmem": 32}
@@ -41,9 +41,11 @@ def _autocast(model, dtype):
 
 @torch.no_grad()
 def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_length=512,
-                   autocast_dtype=None, desc=None, progress=False) -> list[torch.Tensor]:
+                   autocast_dtype=None, desc=None, progress=False, add_eos=False) -> list[torch.Tensor]:
     """Log-prob of each target token given prompt + earlier target tokens (target tokens only).
 
+    add_eos: each target is followed by the EOS token, scored as its last token (the score_eos
+    convention, METHODS §6; a sequence cut at max_length loses its EOS first).
     Returns one 1-D float32 tensor per (prompt, target) pair, in input order.
     """
     device = next(model.parameters()).device
@@ -53,7 +55,7 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         idx = order[start:start + batch_size]
         enc = encode_pairs(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx],
-                           max_length=max_length, add_eos=False)
+                           max_length=max_length, add_eos=add_eos)
         enc = {k: v.to(device) for k, v in enc.items()}
         with _autocast(model, autocast_dtype):
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
@@ -100,8 +102,10 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
     """Prob, ROUGE-L recall, truth ratio (and MIA scores) for one TOFU QA set."""
     questions, answers = list(ds["question"]), list(ds["answer"])
     prompts = [format_question(tokenizer, q) for q in questions]
+    # score_eos (METHODS §6): every scored answer ends with EOS, counted in its mean NLL; Min-K% drops it
+    eos = opts["score_eos"] and tokenizer.eos_token_id is not None
     score = dict(batch_size=opts["batch_size"], autocast_dtype=opts["autocast_dtype"],
-                 progress=opts["progress"])
+                 progress=opts["progress"], add_eos=eos)
     ans_lp = token_logprobs(model, tokenizer, prompts, answers, desc=f"{name}: answers", **score)
     rows = pd.DataFrame({
         "set": name, "row": list(ds["row"]) if "row" in ds.column_names else range(len(ds)),
@@ -110,7 +114,7 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
         "n_tokens": [t.numel() for t in ans_lp],
     })
     rows["prob"] = np.exp(-rows["loss"])
-    rows["min_k"] = [metrics.min_k_percent(t.numpy(), opts["mia_k"]) for t in ans_lp]
+    rows["min_k"] = [metrics.min_k_percent((t[:-1] if eos else t).numpy(), opts["mia_k"]) for t in ans_lp]
     # open-unlearning's zlib attack: mean answer NLL / compressed answer length (checked on its logs)
     rows["zlib"] = [metrics.zlib_score(l, a) for l, a in zip(rows["loss"], answers)]
 
@@ -145,9 +149,10 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
 
 
 def evaluate_tofu(model, tokenizer, benchmark, reference=None, *, batch_size=16, max_new_tokens=None,
-                  limit=None, mia_k=0.4, autocast_dtype=None, progress=True) -> dict:
+                  limit=None, mia_k=0.4, autocast_dtype=None, progress=True, score_eos=True) -> dict:
+    """score_eos: answers scored with their EOS (default, TOFU / open-unlearning) or without (False)."""
     opts = dict(batch_size=batch_size, max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["tofu"],
-                mia_k=mia_k, autocast_dtype=autocast_dtype, progress=progress)
+                mia_k=mia_k, autocast_dtype=autocast_dtype, progress=progress, score_eos=bool(score_eos))
     sets = benchmark.eval_sets
     need = ["forget", *TOFU_UTILITY_SETS, "holdout"]
     missing = [s for s in need if s not in sets]
@@ -209,10 +214,11 @@ def _knowmem_prompt(icl, question) -> str:
 
 
 def evaluate_muse(model, tokenizer, benchmark, reference=None, *, batch_size=16, limit=None, mia_k=0.4,
-                  max_length=512, autocast_dtype=None, progress=True) -> dict:
+                  max_length=512, autocast_dtype=None, progress=True, score_eos=True) -> dict:
     """VerbMem (ROUGE-L F1 of continuations), KnowMem forget/retain (ROUGE-L F1, ICL prompt), PrivLeak.
 
-    MUSE prompts are raw text (no chat template), as in the MUSE benchmark.
+    MUSE prompts are raw text (no chat template), as in the MUSE benchmark. score_eos changes nothing
+    here: MUSE scores generations and the Min-K% of raw texts (no answer, no EOS).
     """
     sets = benchmark.eval_sets
 

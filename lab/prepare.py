@@ -127,16 +127,16 @@ class Prepared:
 
 def prepare_config(model="tiny", benchmark="tofu_subset", benchmark_kwargs=None, seed=0, **hparams) -> dict:
     defaults = PREPARE_DEFAULTS.get(model, PREPARE_DEFAULTS[None])
-    unknown = set(hparams) - set(defaults) - {"max_length", "autocast", "eval_batch_size", "eval_limit"}
+    extra = {"max_length", "autocast", "eval_batch_size", "eval_limit", "score_eos"}
+    unknown = set(hparams) - set(defaults) - extra
     if unknown:
-        raise ValueError(f"prepare: unknown options {sorted(unknown)}; valid: "
-                         f"{sorted(set(defaults) | {'max_length', 'autocast', 'eval_batch_size', 'eval_limit'})}")
+        raise ValueError(f"prepare: unknown options {sorted(unknown)}; valid: {sorted(set(defaults) | extra)}")
     bench = get_benchmark(benchmark, **(benchmark_kwargs or {}))
     if bench.train_full is None or bench.train_retain is None:
         raise ValueError(f"benchmark {benchmark!r} has no fine-tuning data (train_full/train_retain); "
                          "prepare works on TOFU benchmarks ('tofu_subset', 'tofu_forget01|05|10')")
     cfg = {"kind": "prepare", "model": model, "benchmark": bench.config, "seed": seed,
-           "max_length": 512, "autocast": None, "eval_batch_size": 16, "eval_limit": None,
+           "max_length": 512, "autocast": None, "eval_batch_size": 16, "eval_limit": None, "score_eos": True,
            **defaults, **hparams}
     cfg["note"] = ("from-scratch model: target and retain models are also trained on the real-authors and "
                    "world-facts QA so that model utility means something"
@@ -322,8 +322,7 @@ def _evaluate_both(cfg, bench, model_dir: Path, device="cpu", on_eval=None) -> d
         t0 = time.time()
         net, tok = load_model(str(model_dir / which), device=device)
         res = evaluate(net, tok, bench, reference=results.get("retain"), batch_size=cfg["eval_batch_size"],
-                       limit=cfg["eval_limit"], autocast_dtype=autocast_dtype,
-                       **({"score_eos": cfg["score_eos"]} if "score_eos" in cfg else {}))
+                       limit=cfg["eval_limit"], autocast_dtype=autocast_dtype, score_eos=cfg.get("score_eos", True))
         if which == "retain":  # the reference against itself: FQ = 1, PrivLeak = 0 by construction
             res = evaluate_reference_self(res)
         results[which] = res

@@ -96,3 +96,70 @@ def test_privleak_is_nan_where_undefined_instead_of_failing_an_evaluation():
     assert math.isnan(privleak_or_nan(0.7, 1.0))          # a reference that separates perfectly: 0 / 0
     assert privleak_or_nan(0.6, 0.6) == 0.0
     assert privleak_or_nan(1.0, 0.5) == pytest.approx(-100.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- scoring convention (METHODS §6)
+def _by_hand(model, tok, prompt, answer, eos):
+    """Log-probs of the answer tokens (and the EOS after them) from one plain forward pass."""
+    from lab.data import answer_text
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    a = tok(answer_text(tok, answer), add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0].float(), -1)
+    return np.array([logp[len(p) + i - 1, t].item() for i, t in enumerate(a)])
+
+
+@pytest.fixture(scope="module")
+def untrained_small():
+    model, tok = load_model("tiny", seed=0)
+    bench = get_benchmark("tofu_subset", n_retain_authors=1, n_forget_authors=1)
+    with_eos = evaluate(model, tok, bench, limit=2, max_new_tokens=4, progress=False)
+    without = evaluate(model, tok, bench, limit=2, max_new_tokens=4, progress=False, score_eos=False)
+    return model, tok, bench, with_eos, without
+
+
+def test_score_eos_counts_the_eos_in_every_answer_score(untrained_small):
+    from lab.data import format_question
+    model, tok, bench, with_eos, without = untrained_small
+    for res, eos in ((with_eos, True), (without, False)):
+        rows = res["rows"]
+        for name in ("forget", "real_authors"):
+            row = rows[rows["set"] == name].iloc[0]
+            ds = bench.eval_sets[name]
+            prompt = format_question(tok, ds["question"][0])
+            lp = _by_hand(model, tok, prompt, ds["answer"][0], eos)
+            assert row["n_tokens"] == len(lp)
+            assert row["prob"] == pytest.approx(math.exp(lp.mean()), rel=1e-4)      # Prob = exp(-mean NLL)
+            assert row["loss"] == pytest.approx(-lp.mean(), rel=1e-4)              # LOSS MIA score
+            assert row["zlib"] == pytest.approx(metrics.zlib_score(-lp.mean(), ds["answer"][0]), rel=1e-4)
+            # truth ratio and normalised Prob: paraphrased / perturbed answers carry the EOS as well
+            para = ds["paraphrased_answer"][0] if "paraphrased_answer" in ds.column_names else ds["answer"][0]
+            pert = [_by_hand(model, tok, prompt, x, eos).mean() for x in ds["perturbed_answer"][0]]
+            para_lp = _by_hand(model, tok, prompt, para, eos).mean()
+            assert row["truth_ratio"] == pytest.approx(metrics.truth_ratio(para_lp, np.array(pert)), rel=1e-4)
+            p_true = math.exp(lp.mean())
+            assert row["prob_normalised"] == pytest.approx(p_true / (p_true + sum(math.exp(x) for x in pert)),
+                                                           rel=1e-4)
+    # the conventions differ, and model utility / the LOSS MIA follow
+    assert with_eos["metrics"]["forget_prob"] != pytest.approx(without["metrics"]["forget_prob"], rel=1e-6)
+
+
+def test_min_k_ignores_the_final_eos(untrained_small):
+    from lab.data import format_question
+    model, tok, bench, with_eos, without = untrained_small
+    assert np.allclose(with_eos["rows"]["min_k"], without["rows"]["min_k"], rtol=1e-4)
+    ds = bench.eval_sets["forget"]
+    lp = _by_hand(model, tok, format_question(tok, ds["question"][0]), ds["answer"][0], eos=False)
+    row = with_eos["rows"].query("set == 'forget'").iloc[0]
+    assert row["min_k"] == pytest.approx(metrics.min_k_percent(lp, 0.4), rel=1e-4)
+
+
+def test_token_logprobs_add_eos_scores_one_more_token():
+    from lab.data import format_question
+    model, tok = load_model("tiny", seed=0)
+    prompts, answers = [format_question(tok, "Who?")] * 2, ["Nobody at all.", "Me."]
+    plain = token_logprobs(model, tok, prompts, answers, batch_size=2)
+    eos = token_logprobs(model, tok, prompts, answers, batch_size=2, add_eos=True)
+    for p, e, a in zip(plain, eos, answers):
+        assert e.numel() == p.numel() + 1 and np.allclose(e[:-1].numpy(), p.numpy(), atol=1e-5)
+        assert e[-1].item() == pytest.approx(_by_hand(model, tok, prompts[0], a, eos=True)[-1], rel=1e-4)

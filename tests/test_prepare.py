@@ -155,6 +155,8 @@ def test_evaluation_conventions_key_the_evaluations_not_the_models(monkeypatch):
     assert _keys(eval_limit=5) == (model_key, _keys(eval_limit=5)[1]) and _keys(eval_limit=5)[1] != eval_key
     assert _keys(eval_batch_size=3) == (model_key, eval_key)       # batching does not change the numbers
     assert _keys(epochs=3)[0] != model_key
+    no_eos = _keys(score_eos=False)
+    assert no_eos[0] == model_key and no_eos[1] != eval_key
     monkeypatch.setattr(prep.lab_eval, "EVAL_VERSION", prep.lab_eval.EVAL_VERSION + 1)
     bumped = _keys()
     assert bumped[0] == model_key and bumped[1] != eval_key
