@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lab import geometry, runs
-from lab.methods import Method, Term, combine, direction_coefficients, get_method
+from lab import distributed, geometry, runs
+from lab.methods import (Method, Term, combine, direction_coefficients, fit_to_model, get_method,
+                         retain_term_weights, retain_weight)
 from lab.objectives import ObjectiveContext, get_objective, sequence_logprob
 
 # Unlearning lr per model when the config leaves it out: the papers use 1e-5 (7B, Phi-1.5); a small
@@ -66,6 +67,7 @@ class UnlearnConfig:
     eval_limit: int | None = None           # rows per eval set (None: all)
     eval_batch_size: int = 16
     score_eos: bool = True                  # answers scored with EOS (TOFU / open-unlearning); False: without
+    eval_options: dict = dataclasses.field(default_factory=dict)  # lab.eval.metric_options (privleak_score, ...)
     seed: int = 0
     autocast: str | None = None             # e.g. "bfloat16" (CPU: ~2.5x faster on SmolLM2)
     max_length: int = 512
@@ -73,6 +75,8 @@ class UnlearnConfig:
     prepare: dict = dataclasses.field(default_factory=dict)   # lab.prepare hyper-parameter overrides
     save_model: bool = False                # write the unlearned weights into the run directory
     runs_root: str = "runs"
+    probes: list = dataclasses.field(default_factory=list)         # lab.probes on the final model (METHODS §8)
+    probe_options: dict = dataclasses.field(default_factory=dict)  # lab.probes.DEFAULTS overrides
 
     def __post_init__(self):
         if self.schedule not in ("constant", "linear"):
@@ -88,6 +92,11 @@ class UnlearnConfig:
                              f"retain_batch_size={self.retain_batch_size or self.batch_size}")
         self.betas = tuple(self.betas)
         get_method(self.method, **self.method_args)  # validates name and options early
+        from lab.eval import metric_options
+        self.eval_options = metric_options(**self.eval_options)  # recorded with the defaults filled in
+        if self.probes or self.probe_options:  # recorded with their defaults filled in
+            from lab.probes import check_options
+            self.probes, self.probe_options = check_options(self.probes, self.probe_options, self.benchmark)
 
 
 # ---------------------------------------------------------------- batches
@@ -162,21 +171,32 @@ def _weight(term, args):
     return args[term.weight] if isinstance(term.weight, str) else term.weight
 
 
-def accumulate(model, params, terms, micro_batches, ctx, args, *, group=None, backward=True):
+def step_units(terms, micro_batches, device, group=None) -> torch.Tensor:
+    """Units (tokens or rows) of each term over the WHOLE step (all micro-batches, all ranks of
+    `group`: one all_reduce for every term of the step), the normaliser of its loss."""
+    units = torch.stack([sum(get_objective(t.objective).count(mb[t.source]) for mb in micro_batches)
+                         .to(device).float() for t in terms]) if terms else torch.zeros(0, device=device)
+    if group is not None:
+        dist.all_reduce(units, group=group)
+    return units.clamp(min=1)
+
+
+def accumulate(model, params, terms, micro_batches, ctx, args, *, group=None, backward=True,
+               weights=None, units=None, sharded=False, reduce_losses=True):
     """Sum of term weight * objective / (units of the whole step) over micro-batches (and ranks).
 
     Returns (gradient list or None, per-term mean losses as one 1-D tensor). With backward=False it
-    only evaluates the losses (AutoLR probes).
-    """
+    only evaluates the losses (AutoLR probes). weights: each term's weight in the backward (default
+    the term's own, Term.weight); units: the step's global units per term (default: step_units here).
+    The gradient list holds the LOCAL tensors of `params` (lab.distributed.local): under DDP (group,
+    not sharded) it is all-reduced here; sharded (FSDP2) gradients arrive reduce-scattered. With
+    reduce_losses=False the losses stay this rank's partial sums (the caller all-reduces them)."""
     objectives = [get_objective(t.objective) for t in terms]
-    device = params[0].device
-    units = torch.stack([sum(o.count(mb[t.source]) for mb in micro_batches).to(device).float()
-                         for t, o in zip(terms, objectives)])
-    if group is not None:
-        dist.all_reduce(units, group=group)
-    units = units.clamp(min=1)
+    device = distributed.local(params[0]).device
+    if units is None:
+        units = step_units(terms, micro_batches, device, group)
     term_losses = torch.zeros(len(terms), device=device)
-    weights = [_weight(t, args) for t in terms]
+    weights = [_weight(t, args) for t in terms] if weights is None else list(weights)
     if backward:
         for p in params:
             p.grad = None
@@ -187,33 +207,39 @@ def accumulate(model, params, terms, micro_batches, ctx, args, *, group=None, ba
             if backward:  # backward each term at once: one term's activations alive at a time
                 (scaled * weights[i]).backward()
             term_losses[i] += scaled.detach()
-    if group is not None:
+    if group is not None and reduce_losses:
         dist.all_reduce(term_losses, group=group)
     if not backward:
         return None, term_losses
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    grads = [distributed.local(p.grad) if p.grad is not None else torch.zeros_like(distributed.local(p))
+             for p in params]
     for p in params:
         p.grad = None
-    if group is not None:
+    if group is not None and not sharded:
         work = [dist.all_reduce(g, group=group, async_op=True) for g in grads]
         for w in work:
             w.wait()
     return grads, term_losses
 
 
-def _group_loss(term_losses, terms, args):
+def _group_loss(term_losses, terms, args, weights=None):
     if not terms:
         return torch.zeros((), device=term_losses.device)
-    weights = torch.tensor([_weight(t, args) for t in terms], device=term_losses.device)
-    return (term_losses * weights).sum()
+    weights = [_weight(t, args) for t in terms] if weights is None else weights
+    return (term_losses * torch.tensor(weights, device=term_losses.device)).sum()
 
 
 # ---------------------------------------------------------------- AutoLR (NGDiff Alg. 1, METHODS §3)
 def would_be_update(optimizer, params, d) -> list[torch.Tensor]:
     """The update per unit lr, D, that optimizer.step() would apply with gradient d (theta -= lr * D),
-    computed from the optimizer state WITHOUT advancing it (the GeN reference code advances it)."""
+    computed from the optimizer state WITHOUT advancing it (the GeN reference code advances it).
+    Weight decay is part of it: SGD's coupled d + wd * theta, AdamW's decoupled wd * theta."""
     if isinstance(optimizer, torch.optim.SGD):
-        return list(d)
+        group = optimizer.param_groups[0]
+        if group.get("momentum", 0):
+            raise ValueError("AutoLR supports SGD without momentum (the engine's SGD)")
+        wd = group["weight_decay"]
+        return list(torch._foreach_add(list(d), [p.detach() for p in params], alpha=wd)) if wd else list(d)
     if not isinstance(optimizer, torch.optim.AdamW):
         raise ValueError(f"AutoLR supports AdamW and SGD, not {type(optimizer).__name__}")
     group = optimizer.param_groups[0]
@@ -234,6 +260,9 @@ def would_be_update(optimizer, params, d) -> list[torch.Tensor]:
 def autolr_probe(loss_fn, params, update, lr, loss_0, *, max_factor=None) -> dict:
     """Fit L_R(theta - s*D) = a s^2 + b s + c through s in (-lr, 0, +lr); lr* = slope/curvature =
     -b / (2a). Keep the old lr when curvature <= 0, slope <= 0 or the fit is not finite.
+    With a schedule (warmup, linear decay) the probe runs at the step's scheduled lr and lr* is the lr
+    applied at the probed step; the loop then sets its base lr to lr* / factor(step), so every later
+    step applies lr* * factor(t) / factor(probed step) until the next probe (constant: lr* itself).
     Parameters are restored exactly (saved copy), so the probe leaves no trace."""
     saved = [p.detach().clone() for p in params]
     torch._foreach_add_(params, update, alpha=-lr)
@@ -359,20 +388,22 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
     torch.manual_seed(cfg.seed)
     state = state or LoopState()
     model.train()
+    args = fit_to_model(method, args, model)     # model-dependent defaults (RMU's layer)
     params = trainable_parameters(model, method, args)
     ctx = context or make_context(model, method, args, forget, tokenizer, cfg, idk_answers)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None])
     if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(distributed.local_list(params), lr=lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(distributed.local_list(params), lr=lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(forget) / cfg.batch_size)
     total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or 10 ** 12)
 
-    def lr_at(step):
+    def lr_factor(step):   # the schedule: linear warmup over warmup_steps, then constant or linear decay
         warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         decay = max(0.0, 1 - step / total) if cfg.schedule == "linear" else 1.0
-        return lr * warm * decay
+        return warm * decay
 
     if method.autolr and len(retain) == 0:
         raise ValueError(f"method {method.name!r}: AutoLR probes the retain loss, but the retain set is empty")
@@ -381,7 +412,7 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
     mb = cfg.micro_batch_size or cfg.batch_size
     need_idk = any("idk" in get_objective(t.objective).needs for t in method.forget)
     rlw_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    autolr_lr = None
+    base_lr = lr   # AutoLR resets it: lr at a step = base_lr * lr_factor(step) (autolr_probe's rule)
     bar = tqdm(total=total, desc=f"unlearn {method.name}" + (f" task {task}" if task is not None else ""),
                disable=not progress or rank != 0, leave=False)
     step_in_run = 0
@@ -400,12 +431,13 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
                 if r_rows:
                     item["retain"] = encode_rows(tokenizer, retain, r_rows, max_length=cfg.max_length)
                 micro.append(_to(_shard(item, rank, world), device))
-            lr_now = autolr_lr if autolr_lr is not None else lr_at(step_in_run)
+            lr_now = base_lr * lr_factor(step_in_run)
             row = _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr_now,
                         rlw_gen=rlw_gen, group=group, hooks=hooks, autolr_due=method.autolr and
                         step_in_run % args.get("autolr_every", 10) == 0)
-            if "autolr_lr" in row:
-                autolr_lr = row["autolr_lr"]
+            if "autolr_lr" in row:   # the probed lr is this step's; the schedule shapes the steps after it
+                base_lr = row["autolr_lr"] / lr_factor(step_in_run)
+                row["autolr_base_lr"] = base_lr
             row.update(step=state.step, epoch=epoch, task=task)
             state.trace.append(row)
             if run is not None and rank == 0:
@@ -425,9 +457,14 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
 
 
 def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *, rlw_gen, group,
-          autolr_due, hooks=None) -> dict:
+          autolr_due, hooks=None, sharded=False) -> dict:
+    """One optimizer step = steps 2-6 of the module docstring. `params`: the trainable parameters;
+    the optimizer, the gradients and every list below hold their LOCAL tensors (lab.distributed.local:
+    the shards under FSDP2, the parameters themselves otherwise). group: the data-parallel process
+    group (None: one process); sharded: FSDP2 shards, whose dots and norms geometry sums over group."""
+    local = distributed.local_list(params)
+    geo_group = group if sharded else None
     diag = cfg.diagnostics > 0 and state.step % cfg.diagnostics == 0
-    scalars: dict[str, torch.Tensor] = {}
     terms_f, terms_r = method.forget, method.retain
     # forget-only methods (GA, NPO, ...) still get the geometry on diagnostic steps: a retain NLL
     # gradient measured beside them (it does not enter d)
@@ -435,85 +472,47 @@ def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *,
     if probe_retain:
         terms_r = DIAGNOSTIC_RETAIN
     separate = method.separate_gradients or (diag and bool(terms_r))
-    if separate:
-        g_f, losses_f = accumulate(model, params, terms_f, micro, ctx, args, group=group)
-        g_r, losses_r = (accumulate(model, params, terms_r, micro, ctx, args, group=group)
-                         if terms_r else ([], torch.zeros(0, device=params[0].device)))
-        loss_f, loss_r = _group_loss(losses_f, terms_f, args), _group_loss(losses_r, terms_r, args)
-        with geometry.few_threads(params):
+    # 2. gradients
+    g_f, g_r, d, losses_f, losses_r, w_r = _gradients(model, params, method, args, ctx, micro, state,
+                                                      terms_f, terms_r, separate, group, sharded)
+    loss_f, loss_r = _group_loss(losses_f, terms_f, args), _group_loss(losses_r, terms_r, args, w_r)
+    scalars: dict[str, torch.Tensor] = {}
+    with geometry.few_threads(local):
+        # 3. combine (the retain weight lambda is applied here: g_r is of the unweighted objective)
+        coef = None
+        if separate:
             if probe_retain:
-                d, info = g_f, {}
+                d, info, coef = g_f, {}, (1.0, 0.0)
             else:
                 d, info = combine(method, args, g_f, g_r, {"loss_f": loss_f, "loss_r": loss_r},
-                                  state.combiner_state, generator=rlw_gen)
-            if diag:
-                if g_r:
-                    coef = (1.0, 0.0) if probe_retain else direction_coefficients(method, args, info)
-                    scalars.update(geometry.alignment(g_f, g_r, d, d_coef=coef))
-                else:
-                    scalars.update(norm_f=geometry.norm(g_f), norm_d=geometry.norm(d))
-    else:  # the weighted sum into one gradient: d = g_f + g_r without materialising either
-        d, losses = accumulate(model, params, (*terms_f, *terms_r), micro, ctx, args, group=group)
-        losses_f, losses_r = losses[:len(terms_f)], losses[len(terms_f):]
-        loss_f, loss_r = _group_loss(losses_f, terms_f, args), _group_loss(losses_r, terms_r, args)
-        g_f, g_r, info = (d if not terms_r else None), [], {}
-    scalars.update(info)
-    combined = d
-    with geometry.few_threads(params):
+                                  state.combiner_state, generator=rlw_gen, group=geo_group)
+                coef = direction_coefficients(method, args, info, state.combiner_state)
+            scalars.update(info)
+        # 4. modifiers: clip, then the hooks (ALKN's masks); the diagnostics describe the d they leave
         if cfg.max_grad_norm is not None:
-            d, clip_info = geometry.clip_to_norm(d, cfg.max_grad_norm)
+            d, clip_info = geometry.clip_to_norm(d, cfg.max_grad_norm, group=geo_group)
             scalars.update(clip_info)
+            coef = None if coef is None else tuple(c * clip_info["clip_scale"] for c in coef)
         if hooks is not None and hooks.on_direction is not None:
-            d = hooks.on_direction(state.step, params, g_f if g_f is not None else d, g_r, d)
-        reshaped = cfg.max_grad_norm is not None or (hooks is not None and hooks.on_direction is not None)
-        if reshaped or "norm_d" not in scalars:  # else the diagnostics' ||d|| is this d's norm
-            scalars["norm_d"] = geometry.norm(d)
-        if diag and g_f is combined and "norm_f" not in scalars:  # forget-only, one gradient: d was g_f
-            scalars["norm_f"] = geometry.norm(g_f) if reshaped else scalars["norm_d"]
-    term_losses = torch.cat([losses_f, losses_r])
-    # the one host sync of the step: losses and the direction's norm must be finite to go on
-    finite = torch.isfinite(torch.cat([term_losses, scalars["norm_d"].reshape(1)])).tolist()
-    if not all(finite):
-        names = [f"{t.objective}@{t.source}" for t in (*terms_f, *terms_r)] + ["direction d"]
-        bad = [n for n, ok in zip(names, finite) if not ok]
-        raise Diverged(f"step {state.step}: non-finite {', '.join(bad)} "
-                       f"(losses {dict(zip(names, term_losses.tolist()))})")
+            d = hooks.on_direction(state.step, local, g_f if g_f is not None else d, g_r, d)
+            coef = None
+        if diag and g_r:
+            scalars.update(geometry.alignment(g_f, g_r, d, group=geo_group, d_coef=coef))
+        else:
+            scalars["norm_d"] = geometry.norm(d, geo_group)
+            if diag and g_f is not None:   # forget-only without retain data: one gradient
+                scalars["norm_f"] = geometry.norm(g_f, geo_group) if d is not g_f else scalars["norm_d"]
+    _check_finite(state.step, torch.cat([losses_f, losses_r]), scalars["norm_d"], (*terms_f, *terms_r))
 
     row = {}
-    if autolr_due:  # NGDiff Alg. 1: probe L_R along the update (the retain NLL for forget-only methods)
-        update = would_be_update(optimizer, params, d)
-        probe_terms = terms_r or DIAGNOSTIC_RETAIN
-
-        def retain_loss():
-            return _group_loss(accumulate(model, params, probe_terms, micro, ctx, args, group=group,
-                                          backward=False)[1], probe_terms, args)
-        row.update(autolr_probe(retain_loss, params, update, lr, loss_r if terms_r else retain_loss(),
-                                max_factor=args.get("autolr_max_factor")))
+    if autolr_due:  # 4b. NGDiff Alg. 1: probe L_R along the update (the retain NLL for forget-only methods)
+        row.update(_autolr(model, params, optimizer, method, args, ctx, micro, d, lr,
+                           loss_r if terms_r else None, group))
         lr = row["autolr_lr"]
-    for group_ in optimizer.param_groups:
-        group_["lr"] = lr
-    want_update = hooks is not None and hooks.on_update is not None
-    track_update = diag and g_f is not None
-    before = None
-    if track_update or want_update:
-        if state.param_buffer is None:
-            state.param_buffer = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
-        before = state.param_buffer
-        with geometry.few_threads(params):
-            torch._foreach_copy_(before, [p.detach() for p in params])
-    for p, g in zip(params, d):
-        p.grad = g
-    optimizer.step()
-    for p in params:
-        p.grad = None
-    if want_update:
-        with torch.no_grad():
-            hooks.on_update(state.step, params, before)
-    if track_update:  # realised update after Adam: cos(-delta theta, g) (METHODS §7)
-        with geometry.few_threads(params):
-            torch._foreach_sub_(before, [p.detach() for p in params])  # before := theta_old - theta_new
-            scalars.update(geometry.update_cosines(before, g_f, g_r or None, norm_f=scalars.get("norm_f"),
-                                                   norm_r=scalars.get("norm_r")))
+    # 5. hand d to the optimizer (theta <- theta - lr * D(d)), then the realised-update diagnostics
+    scalars.update(_apply(optimizer, local, d, lr, state, hooks, g_f, g_r, scalars,
+                          track_update=diag and g_f is not None, group=geo_group))
+    # 6. the trace row: the one host sync of the step's scalars
     names = list(scalars)
     values = torch.stack([torch.as_tensor(scalars[n], dtype=torch.float32).reshape(())
                           for n in names] + [loss_f.float(), loss_r.float()]).tolist()
@@ -522,6 +521,93 @@ def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *,
     rename = {"norm_f": "grad_norm_f", "norm_r": "grad_norm_r"}
     row.update({rename.get(k, k): v for k, v in out.items()})
     return row
+
+
+def _gradients(model, params, method, args, ctx, micro, state, terms_f, terms_r, separate, group, sharded):
+    """Step 2: (g_f, g_r, d, per-term losses f, r (global), retain weights w_r). Separately: g_f of the
+    weighted forget terms, g_r of sum_i w_i r_i, the UNWEIGHTED retain objective whenever the retain
+    terms share one weight lambda (methods.retain_term_weights; combine applies lambda), d None.
+    Else one gradient d = g_f + lambda g_r (weights in the backward). Two collectives for all the
+    step's scalars here: the units of every term, then every term's loss."""
+    device = distributed.local(params[0]).device
+    if method.retain:
+        _, w_r = retain_term_weights(method, args)
+        lam = retain_weight(method, args, state.combiner_state)
+    else:   # none, or the diagnostic retain NLL
+        w_r, lam = [1.0] * len(terms_r), 1.0
+    w_f = [_weight(t, args) for t in terms_f]
+    units = step_units((*terms_f, *terms_r), micro, device, group)
+    kw = dict(group=group, sharded=sharded, reduce_losses=False)
+    n_f = len(terms_f)
+    if separate:
+        g_f, losses_f = accumulate(model, params, terms_f, micro, ctx, args, weights=w_f, units=units[:n_f], **kw)
+        g_r, losses_r = (accumulate(model, params, terms_r, micro, ctx, args, weights=w_r, units=units[n_f:], **kw)
+                         if terms_r else ([], torch.zeros(0, device=device)))
+        d = None
+    else:   # the weighted sum into one gradient: d = g_f + lambda g_r without materialising either
+        d, losses = accumulate(model, params, (*terms_f, *terms_r), micro, ctx, args,
+                               weights=[*w_f, *(lam * w for w in w_r)], units=units, **kw)
+        losses_f, losses_r = losses[:n_f], losses[n_f:]
+        g_f, g_r = (d if not terms_r else None), []
+    losses = torch.cat([losses_f, losses_r])
+    if group is not None:
+        dist.all_reduce(losses, group=group)
+    return g_f, g_r, d, losses[:n_f], losses[n_f:], w_r
+
+
+def _check_finite(step, term_losses, norm_d, terms):
+    # the one host sync before the update: losses and the direction's norm must be finite to go on
+    finite = torch.isfinite(torch.cat([term_losses, norm_d.reshape(1)])).tolist()
+    if not all(finite):
+        names = [f"{t.objective}@{t.source}" for t in terms] + ["direction d"]
+        bad = [n for n, ok in zip(names, finite) if not ok]
+        raise Diverged(f"step {step}: non-finite {', '.join(bad)} "
+                       f"(losses {dict(zip(names, term_losses.tolist()))})")
+
+
+def _autolr(model, params, optimizer, method, args, ctx, micro, d, lr, loss_r, group):
+    """AutoLR probe (NGDiff Alg. 1) of the retain objective (the unweighted one, as loss_r; the retain
+    NLL for forget-only methods) along the update the optimizer would apply: trace entries incl. the
+    lr for this step (autolr_lr)."""
+    local = distributed.local_list(params)
+    update = would_be_update(optimizer, local, d)
+    probe_terms = method.retain or DIAGNOSTIC_RETAIN
+    w_r = retain_term_weights(method, args)[1] if method.retain else [1.0]
+
+    def retain_loss():
+        losses = accumulate(model, params, probe_terms, micro, ctx, args, group=group, backward=False)[1]
+        return _group_loss(losses, probe_terms, args, w_r)
+    return autolr_probe(retain_loss, local, update, lr, loss_r if loss_r is not None else retain_loss(),
+                        max_factor=args.get("autolr_max_factor"))
+
+
+def _apply(optimizer, local, d, lr, state, hooks, g_f, g_r, scalars, *, track_update, group):
+    """Step 5: optimizer.step() with gradient d at this lr; the on_update hook; the realised-update
+    cosines cos(-delta theta, g) (METHODS §7) when tracked."""
+    for group_ in optimizer.param_groups:
+        group_["lr"] = lr
+    want_update = hooks is not None and hooks.on_update is not None
+    before = None
+    if track_update or want_update:
+        if state.param_buffer is None:
+            state.param_buffer = [torch.empty_like(p, memory_format=torch.preserve_format) for p in local]
+        before = state.param_buffer
+        with geometry.few_threads(local):
+            torch._foreach_copy_(before, [p.detach() for p in local])
+    for p, g in zip(local, d):
+        p.grad = g
+    optimizer.step()
+    for p in local:
+        p.grad = None
+    if want_update:
+        with torch.no_grad():
+            hooks.on_update(state.step, local, before)
+    if not track_update:
+        return {}
+    with geometry.few_threads(local):
+        torch._foreach_sub_(before, [p.detach() for p in local])  # before := theta_old - theta_new
+        return geometry.update_cosines(before, g_f, g_r or None, norm_f=scalars.get("norm_f"),
+                                       norm_r=scalars.get("norm_r"), group=group)
 
 
 # ---------------------------------------------------------------- run-level API
@@ -570,26 +656,29 @@ def load_starting_point(cfg: UnlearnConfig):
 def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **overrides) -> UnlearnResult:
     """Run one unlearning method end to end: starting model, loop, periodic + final evaluation, run dir."""
     from lab.data import idk_answers as load_idk
-    from lab.eval import evaluate
+    from lab.eval import evaluate, restrict_eval
     if isinstance(config, UnlearnConfig):
         cfg = dataclasses.replace(config, **overrides)
     else:
         cfg = UnlearnConfig(**{**(config or {}), **overrides})
     method, args = get_method(cfg.method, **cfg.method_args)
     model, tok, bench, reference, initial, extra = load_starting_point(cfg)
+    args = fit_to_model(method, args, model)     # the config records the model-dependent defaults
     idk = load_idk() if any(t.objective in ("idk", "dpo") for t in method.forget) else None
     autocast_dtype = getattr(torch, cfg.autocast) if cfg.autocast else None
     config = _config_dict(cfg, method, args, bench, extra)
     final: dict = {}
     t0 = time.time()
     with runs.create_run(config, root=cfg.runs_root) as run:
-        if initial is not None:  # the target's evaluation from lab.prepare = the starting point
+        if initial is not None:  # the target's evaluation from lab.prepare = the starting point, on the
+            initial = restrict_eval(initial, cfg.eval_limit, reference)   # rows every later record uses
             run.log_eval({"step": 0, "epoch": 0, "checkpoint": "initial", **initial["metrics"]},
                          rows=initial["rows"])
 
         def evaluate_fn(step, epoch):
             res = evaluate(model, tok, bench, reference=reference, limit=cfg.eval_limit, score_eos=cfg.score_eos,
-                           batch_size=cfg.eval_batch_size, autocast_dtype=autocast_dtype, progress=progress)
+                           batch_size=cfg.eval_batch_size, autocast_dtype=autocast_dtype, progress=progress,
+                           **cfg.eval_options)
             run.log_eval({"step": step, "epoch": epoch, "checkpoint": "unlearned", **res["metrics"]},
                          rows=res["rows"])
             final.clear()
@@ -609,6 +698,10 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
         if cfg.save_model:
             model.save_pretrained(run.path / "model")
             tok.save_pretrained(run.path / "model")
+        if cfg.probes:  # robustness probes on the final model: one more eval record each (lab.probes)
+            from lab.probes import run_probes
+            run_probes(model, tok, cfg, run, bench=bench, step=state.step, progress=progress,
+                       epoch=state.trace[-1]["epoch"] if state.trace else 0)
         run.write_summary(metrics=final, steps=state.step, seconds=round(time.time() - t0, 2))
     import pandas as pd
     return UnlearnResult(run.path, model, tok, final, pd.DataFrame(state.trace), config)

@@ -235,3 +235,115 @@ def test_ddp_two_processes_match_single_process(method, bench, tmp_path):
     moved = sum(float((a.detach() - s.detach()).norm() ** 2)
                 for a, s in zip(single.parameters(), start.parameters())) ** 0.5
     assert moved > 1e-2 and diff < 1e-4 * moved
+
+
+# ---------------------------------------------------------------- issue 13 items 6, 7, 11
+def test_retain_gradient_is_unweighted_whatever_the_retain_weight(bench, tmp_path):
+    """METHODS §7 / BLUR eq. 8: g_r is the gradient of the UNWEIGHTED retain objective, so cos_fr,
+    ||g_r|| (and loss_r) do not depend on lambda; the direction d = g_f + lambda g_r does, and A_r of
+    it against the same g_r is <g_r,g_f>/||g_r||^2 + lambda: it moves by exactly the change of lambda
+    (the lambda-scaled g_r of old gave A_r / lambda instead)."""
+    rows = {}
+    for w in (1.0, 3.0):
+        _, trace, _ = _run("npo_gd", bench, tmp_path / str(w), max_steps=1, method_args={"retain_weight": w})
+        rows[w] = trace.iloc[0]
+    a, b = rows[1.0], rows[3.0]
+    for col in ("cos_fr", "grad_norm_r", "grad_norm_f", "loss_r"):
+        assert b[col] == pytest.approx(a[col], rel=1e-5, abs=1e-7), col
+    assert b["align_r"] - a["align_r"] == pytest.approx(3.0 - 1.0, rel=1e-4)
+    assert abs(b["norm_d"] - a["norm_d"]) > 1e-3 * a["norm_d"]      # d = g_f + lambda g_r changed
+    assert abs(b["align_f"] - a["align_f"]) > 1e-4
+
+
+def test_combine_reads_a_dynamic_retain_weight_from_the_combiner_state():
+    from lab.methods import combine, direction_coefficients, retain_weight
+    g_f, g_r = [torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 1.0])]
+    for name, expect in (("npo_gd", [1.0, 0.25]), ("blur_npo", [1.0, 0.25])):
+        method, args = get_method(name)
+        state = {"retain_weight": 0.25}
+        assert retain_weight(method, args, state) == 0.25
+        d, info = combine(method, args, g_f, g_r, {"loss_f": torch.tensor(1.0), "loss_r": torch.tensor(1.0)}, state)
+        assert torch.allclose(d[0], torch.tensor(expect))
+        a, b = direction_coefficients(method, args, info, state)
+        assert torch.allclose(a * g_f[0] + b * g_r[0], d[0])
+
+
+def test_diagnostics_describe_the_clipped_direction(bench, tmp_path):
+    """METHODS §7: A_f, A_r and ||d|| of the direction handed to the optimizer, after clipping."""
+    _, free, _ = _run("ga_rt", bench, tmp_path / "free", max_steps=1)
+    _, clip, _ = _run("ga_rt", bench, tmp_path / "clip", max_steps=1, max_grad_norm=1e-3)
+    f, c = free.iloc[0], clip.iloc[0]
+    assert c["clip_scale"] < 0.5 and c["norm_d"] == pytest.approx(1e-3, rel=1e-4)
+    for col in ("align_f", "align_r"):
+        assert c[col] == pytest.approx(f[col] * c["clip_scale"], rel=1e-4), col
+    assert c["grad_norm_r"] == pytest.approx(f["grad_norm_r"], rel=1e-6)
+
+
+def test_would_be_update_of_sgd_includes_weight_decay():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    opt = torch.optim.SGD(params, lr=0.1, weight_decay=0.3)
+    d = [torch.randn_like(p) for p in params]
+    update = would_be_update(opt, params, d)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, d):
+        p.grad = g
+    opt.step()
+    for b, p, u in zip(before, params, update):
+        assert torch.allclose(b - p.detach(), 0.1 * u, atol=1e-6)
+
+
+def test_autolr_composes_with_the_schedule(bench, tmp_path):
+    """The probed lr is the probed step's; later steps apply it times factor(t) / factor(probed step)."""
+    total, warm = 5, 2
+    _, trace, _ = _run("ngdiff_autolr", bench, tmp_path, max_steps=total, diagnostics=0, schedule="linear",
+                       warmup_steps=warm, method_args={"autolr_every": 3})
+    factor = lambda t: min(1.0, (t + 1) / warm) * (1 - t / total)   # noqa: E731
+    probes = trace[trace["autolr_probe"] == 1.0]
+    assert list(probes.index) == [0, 3]
+    for t in range(total):
+        p = max(i for i in probes.index if i <= t)
+        assert trace["lr"].iloc[t] == pytest.approx(probes.loc[p, "autolr_lr"] * factor(t) / factor(p), rel=1e-6)
+    assert trace["lr"].iloc[1] != pytest.approx(trace["lr"].iloc[2])   # the schedule still acts
+
+
+def test_alignment_of_the_same_direction_ignores_the_retain_weight():
+    """NGDiff normalises g_r, so d is the same for any lambda: A_f, A_r, cos_fr, ||g_r|| are too."""
+    from lab.methods import combine, direction_coefficients
+    torch.manual_seed(0)
+    g_f, g_r = [torch.randn(7), torch.randn(3)], [torch.randn(7), torch.randn(3)]
+    method, args = get_method("ngdiff")
+    out = []
+    for lam in (1.0, 4.0):
+        state = {"retain_weight": lam}
+        d, info = combine(method, args, g_f, g_r, {"loss_f": torch.tensor(1.0), "loss_r": torch.tensor(1.0)}, state)
+        out.append(geometry.alignment(g_f, g_r, d, d_coef=direction_coefficients(method, args, info, state)))
+    for k in out[0]:
+        assert float(out[1][k]) == pytest.approx(float(out[0][k]), rel=1e-5), k
+
+
+def test_initial_record_is_computed_on_the_rows_of_the_later_records(prepared_tiny, tmp_path):
+    """Same rows (METHODS §6): with eval_limit the 'initial' record (from prepare's full evaluation) is
+    cut to the evaluated rows, FQ / PrivLeak included, like every later record."""
+    from lab.eval import restrict_eval
+    res = engine.unlearn(method="ga", max_steps=1, eval_limit=5, runs_root=str(tmp_path), progress=False)
+    rec = runs.load_run(res.run_dir)
+    pairs = {c: g[["set", "row"]].reset_index(drop=True) for c, g in rec.rows.groupby("checkpoint")}
+    assert len(pairs["initial"]) == 5 * 5 and pairs["initial"].equals(pairs["unlearned"])
+    initial = rec.evals.set_index("checkpoint").loc["initial"]
+    expected = restrict_eval(prepared_tiny.target_eval, 5, prepared_tiny.retain_eval)["metrics"]
+    assert initial["forget_quality"] == pytest.approx(expected["forget_quality"])
+    assert initial["forget_quality"] != pytest.approx(prepared_tiny.target_eval["metrics"]["forget_quality"])
+    assert rec.config["score_eos"] is True          # the scoring convention is in config.yaml
+
+
+def test_unlearn_config_records_eval_metric_options_with_defaults():
+    from lab.engine import UnlearnConfig
+    cfg = UnlearnConfig(method="ga", eval_options={"privleak_score": "min_k_plus_plus"})
+    assert cfg.eval_options["privleak_score"] == "min_k_plus_plus"
+    assert cfg.eval_options["truth_ratio_aggregators"]["forget"] == "closer_to_1_better"
+    assert cfg.eval_options["mia_gradnorm"] is True and cfg.eval_options["es_no_match"] == "zero"
+    with pytest.raises(ValueError, match="privleak_score='minkpp'; valid: loss, min_k"):
+        UnlearnConfig(method="ga", eval_options={"privleak_score": "minkpp"})
+    with pytest.raises(ValueError, match="unknown evaluation options \\['gradnorm'\\]; valid: truth_ratio_aggregators"):
+        UnlearnConfig(method="ga", eval_options={"gradnorm": False})
