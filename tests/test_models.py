@@ -1,6 +1,5 @@
 import importlib.util
 import math
-import time
 
 import pytest
 import torch
@@ -117,7 +116,7 @@ def test_tiny_learns_tofu_qa():
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    t0, losses = time.time(), []
+    losses = []
     for _ in range(30):
         loss = model(**enc, labels=labels).loss
         loss.backward()
@@ -126,7 +125,8 @@ def test_tiny_learns_tofu_qa():
         losses.append(loss.item())
     with torch.no_grad():
         final = model(**enc, labels=labels).loss.item()
-    assert time.time() - t0 < 10
+    # small enough for CPU tests (speed itself is measured by `lab bench`, never asserted in a test)
+    assert model_info(model)["n_params"] < 2_000_000
     assert losses[0] > 8.0 and final < 0.55 * losses[0], losses  # ~8.3 -> ~4.1 in 30 steps
     assert final < unigram_entropy - 1.0, (final, unigram_entropy)  # it uses context, not just frequencies
 
@@ -220,14 +220,10 @@ def smollm2_cache(tmp_path_factory):
 @pytest.mark.slow
 def test_smollm2_converts_once_and_answers(smollm2_cache, monkeypatch):
     monkeypatch.setenv("LAB_CACHE", str(smollm2_cache))
-    t0 = time.time()
     load_model("smollm2-135m")  # first use: GGUF -> float32 -> save_pretrained
-    first = time.time() - t0
     assert (smollm2_cache / "smollm2-135m-instruct" / "config.json").exists()
-    t0 = time.time()
+    monkeypatch.setattr(models, "_save_atomic", lambda *a, **k: pytest.fail("converted the GGUF a second time"))
     model, tok = load_model("smollm2")  # alias, from the converted cache
-    second = time.time() - t0
-    assert second < first / 3, (first, second)
     info = model_info(model)
     assert info["n_params"] == 134_515_008 and info["n_layers"] == 30 and info["hidden_size"] == 576
     assert not hasattr(model.config, "quantization_config")
