@@ -43,6 +43,7 @@ import torch
 
 from lab import geometry
 from lab.engine import LoopState, StepHooks, UnlearnConfig
+from lab.objectives import esl_loss, esl_weights  # noqa: F401 (ALKN eq. 6; an objective, public here too)
 from lab.taskvec import finetune, negate_, nll_gradient, snapshot, trainable
 
 EXACT_QUANTILE_MAX = 2 ** 24
@@ -91,38 +92,6 @@ def alkn_options(name: str = "alkn", **overrides) -> dict:
     if not 0 < opts["gr_lean_top"] <= 1:
         raise ValueError(f"{key}: gr_lean_top={opts['gr_lean_top']}; valid: (0, 1]")
     return opts
-
-
-# ---------------------------------------------------------------- ESL (ALKN eq. 6)
-def esl_weights(token_probs, s: float = 10.0, form: str = "paper", k: float = 1.5) -> torch.Tensor:
-    """Soft labels of ALKN eq. 6, elementwise on token probabilities p0 of the task's starting model.
-
-    paper:    sigmoid(s * (p0 - 1))                                   (s = 10)
-    official: clamp(sigmoid(k * (p0 - 0.8)) - sigmoid(-0.8 * k), max=1)   (released code, k = 1.5)"""
-    p = torch.as_tensor(token_probs, dtype=torch.float32)
-    if form == "paper":
-        return torch.sigmoid(s * (p - 1.0))
-    if form == "official":
-        return (torch.sigmoid(k * (p - 0.8)) - torch.sigmoid(torch.tensor(-0.8 * k))).clamp(max=1.0)
-    raise ValueError(f"esl form={form!r}; valid: 'paper', 'official'")
-
-
-def esl_loss(model, batch, ctx) -> torch.Tensor:
-    """ESL objective (registered as 'esl' in lab.objectives): sum over answer tokens of -w * log p,
-    w = esl_weights(p0) with p0 the token probability at the task's starting weights, precomputed once
-    by the engine into ctx.ref_logprob["answer_tokens"] (need 'ref_token_logprob'), gathered by row."""
-    from lab.objectives import _forward, answer_token_logprobs
-    if ctx.ref_logprob is None or "answer_tokens" not in ctx.ref_logprob:
-        raise ValueError("objective 'esl' needs per-token reference log-probs "
-                         "(ctx.ref_logprob['answer_tokens'], computed by the engine)")
-    logp, mask = answer_token_logprobs(_forward(model, batch).logits, batch["labels"])
-    ref = ctx.ref_logprob["answer_tokens"].to(logp.device)[batch["index"].to(logp.device)]
-    # the j-th labelled position of a row is its j-th answer token in the reference
-    pos = (mask.long().cumsum(1) - 1).clamp(min=0, max=max(ref.shape[1] - 1, 0))
-    p0 = ref.gather(1, pos).exp() if ref.shape[1] else torch.ones_like(logp)
-    args = ctx.args
-    w = esl_weights(p0, args.get("esl_s", 10.0), args.get("esl_form", "paper"), args.get("esl_k", 1.5))
-    return -(w.detach() * logp * mask).sum()
 
 
 # ---------------------------------------------------------------- thresholds (ALKN App. E.2)

@@ -291,6 +291,19 @@ def pcgrad_direction(g_f, g_r, group=None):
 
 
 @torch.no_grad()
+def pcgrad_ngdiff_direction(g_f, g_r, group=None):
+    """PCGrad as the closed form NGDiff 2.2 item 6 prints (pcgrad_form "ngdiff", METHODS §2): only the
+    forget gradient is projected off g_r, in the scalarisation d = c_t g_r + (1 - c_t) g_f with
+    c_t/(1-c_t) = 1 + <g_F,g_R>/||g_R||^2 where they conflict. The paper's g_F is the ascent gradient
+    (-g_f here), so the ratio is k = 1 - min(<g_f,g_r>, 0)/||g_r||^2 >= 1 and c_t = k/(1+k):
+    d = (g_f + k g_r)/(1+k) = (g_f projected off g_r + g_r)/(1+k). No conflict (or g_r = 0): d = (g_f + g_r)/2."""
+    fr, rr = _sums([(g_f, g_r), (g_r, g_r)], group)
+    k = 1 - _div(fr.clamp(max=0), rr)
+    c_t = k / (1 + k)
+    return _lincomb((1 - c_t, g_f), (c_t, g_r)), {"c_t": c_t, "conflict": (fr < 0).to(fr.dtype)}
+
+
+@torch.no_grad()
 def imtl_g_direction(g_f, g_r, group=None):
     """IMTL-G closed form for two tasks (NGDiff 2.2 item 7; Liu et al. 2021): d = a_f g_f + a_r g_r,
     a_f + a_r = 1, with equal projections of d on u_f = g_f/||g_f|| and u_r = g_r/||g_r||:

@@ -138,6 +138,25 @@ def test_pcgrad_by_hand():
     assert val(info["conflict"]) == 0.0
 
 
+def test_pcgrad_ngdiff_closed_form_by_hand():
+    """NGDiff 2.2 item 6: c/(1-c) = 1 + <g_F,g_R>/||g_R||^2 with the ascent gradient g_F = -g_f.
+    f, r conflict (<f,r> = -2, ||r||^2 = 8): k = 1 + 2/8 = 1.25, c = 1.25/2.25 = 5/9,
+    d = (4/9) f + (5/9) r = (4/9 - 10/9, 4/9, 10/9) - only f is projected off r, then rescaled by 1/(1+k)."""
+    f, r = grad(*F), grad(*R)
+    d, info = G.pcgrad_ngdiff_direction(f, r)
+    close(d, [-6 / 9, 4 / 9, 10 / 9])
+    assert val(info["c_t"]) == pytest.approx(5 / 9) and val(info["conflict"]) == 1.0
+    # the same direction as f projected off r (0.5, 1, 0.5) plus r, over 1 + k
+    close(d, [(0.5 - 2) / 2.25, 1 / 2.25, (0.5 + 2) / 2.25])
+    # differs from the symmetric form, which also projects r off f
+    assert flat(d).tolist() != pytest.approx(flat(G.pcgrad_direction(f, r)[0]).tolist())
+    d, info = G.pcgrad_ngdiff_direction(f, grad(0.0, 1.0, 1.0))   # no conflict: c = 1/2, d = (f + r)/2
+    close(d, [0.5, 1.0, 0.5])
+    assert val(info["c_t"]) == 0.5 and val(info["conflict"]) == 0.0
+    z = grad(0.0, 0.0, 0.0)
+    close(G.pcgrad_ngdiff_direction(f, z)[0], [0.5, 0.5, 0.0])   # zero g_r: no projection onto it
+
+
 def test_imtl_g_by_hand():
     f, r = grad(*F), grad(*R)
     # a_r = <f, u_f - u_r> / <f - r, u_f - u_r> = (sqrt2 + 2/(2 sqrt2)) / (3 sqrt2 + 1/sqrt2 + 2/sqrt2)
@@ -279,8 +298,8 @@ def _all_combiner_calls(f, r):
         lambda: G.gdiff_direction(f, r, c=0.3), lambda: G.gdiff_direction(f, r),
         lambda: G.lossnorm_direction(f, r, torch.tensor(-1.5), torch.tensor(0.7)),
         lambda: G.rlw_direction(f, r, generator=torch.Generator().manual_seed(0)),
-        lambda: G.pcgrad_direction(f, r), lambda: G.imtl_g_direction(f, r),
-        lambda: G.ngdiff_direction(f, r), lambda: G.blur_direction(f, r, gamma=0.5),
+        lambda: G.pcgrad_direction(f, r), lambda: G.pcgrad_ngdiff_direction(f, r),
+        lambda: G.imtl_g_direction(f, r), lambda: G.ngdiff_direction(f, r), lambda: G.blur_direction(f, r, gamma=0.5),
         lambda: G.gru_rectify(f, r, tau=0.1), lambda: G.clip_to_norm(f, 0.1),
     ]
 
@@ -463,6 +482,7 @@ def _calls(f, r, group, seed):
         "lossnorm": lambda: G.lossnorm_direction(f, r, -1.5, 0.7, group=group),
         "rlw": lambda: G.rlw_direction(f, r, generator=torch.Generator().manual_seed(seed), group=group),
         "pcgrad": lambda: G.pcgrad_direction(f, r, group=group),
+        "pcgrad_ngdiff": lambda: G.pcgrad_ngdiff_direction(f, r, group=group),
         "imtl_g": lambda: G.imtl_g_direction(f, r, group=group),
         "ngdiff": lambda: G.ngdiff_direction(f, r, group=group),
         "blur": lambda: G.blur_direction(f, r, gamma=0.7, group=group),

@@ -10,6 +10,9 @@ ISSUE_NAMES = [  # every method the engine issue names, spelled as the papers do
     "NPO+KL", "SimNPO", "SimNPO+GD", "WGA", "DPO+RT", "IdK", "LossNorm", "RLW", "PCGrad", "IMTL-G",
     "NGDiff", "NGDiff+AutoLR", "GRU-GA", "GRU-WGA", "GRU-NPO", "GRU-GD", "GRU-NPO+KL", "GRU-NPO+GD",
     "GRU-SimNPO+GD", "BLUR-NPO", "BLUR-GA", "BLUR-SimNPO", "BLUR-RMU", "RMU",
+    # issue 16: open-unlearning's methods, their retain variants, GRU / BLUR over them
+    "UNDIAL", "UNDIAL+RT", "UNDIAL+GD", "CE-U", "CEU", "SatImp", "SatImp+RT", "GRU-UNDIAL", "GRU-UNDIAL+GD",
+    "GRU-CEU", "GRU-SatImp", "GRU-SatImp+GD", "BLUR-UNDIAL", "BLUR-CEU", "BLUR-SatImp",
 ]
 
 
@@ -68,11 +71,15 @@ def test_list_methods_one_row_per_method():
     assert "graddiff" in df.set_index("method").loc["ga_rt", "aliases"]
 
 
-@pytest.mark.parametrize("name", sorted({m.combiner: n for n, m in METHODS.items()}.values()))
+COMBINER_CASES = [(n, {}) for n in sorted({m.combiner: n for n, m in METHODS.items()}.values())]
+COMBINER_CASES += [("pcgrad", {"pcgrad_form": "ngdiff"})]
+
+
+@pytest.mark.parametrize("name, overrides", COMBINER_CASES)
 @pytest.mark.parametrize("case", ["random", "zero_f", "zero_r", "opposite"])
-def test_direction_coefficients_reconstruct_d_and_give_the_measured_alignment(name, case):
+def test_direction_coefficients_reconstruct_d_and_give_the_measured_alignment(name, overrides, case):
     # the engine's shortcut (lab.engine._step): alignment from (a, b) must equal alignment measured on d
-    method, args = get_method(name)
+    method, args = get_method(name, **overrides)
     gen = torch.Generator().manual_seed(len(name))
     shapes = [(3, 4), (5,), (2, 2, 2)]
     g_f = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
@@ -86,7 +93,7 @@ def test_direction_coefficients_reconstruct_d_and_give_the_measured_alignment(na
     losses = {"loss_f": torch.tensor(2.0, dtype=torch.float64), "loss_r": torch.tensor(0.5, dtype=torch.float64)}
     d, info = combine(method, args, g_f, g_r, losses, {}, generator=torch.Generator().manual_seed(0))
     coef = direction_coefficients(method, args, info)
-    if method.combiner in ("gru", "pcgrad"):
+    if method.combiner == "gru" or (method.combiner == "pcgrad" and args["pcgrad_form"] == "symmetric"):
         assert coef is None
         return
     a, b = (float(c) for c in coef)
@@ -96,3 +103,50 @@ def test_direction_coefficients_reconstruct_d_and_give_the_measured_alignment(na
     assert derived.keys() == measured.keys()
     for key in measured:
         assert float(derived[key]) == pytest.approx(float(measured[key]), rel=1e-9, abs=1e-9), (name, case, key)
+
+
+# options METHODS.md names: (option, the objective or combiner that reads it, default, other value)
+OPTIONS = [("kl_form", "kl", "forward", "reverse_answer"), ("simnpo_margin", "simnpo", "paper", "authors"),
+           ("pcgrad_form", "pcgrad", "symmetric", "ngdiff")]
+
+
+@pytest.mark.parametrize("option, user, default, other", OPTIONS)
+def test_every_method_using_an_option_has_its_default_so_configs_record_it(option, user, default, other):
+    users = {m.name for m in METHODS.values()
+             if user in {t.objective for t in (*m.forget, *m.retain)} or m.combiner == user}
+    assert users, option
+    for name in users:
+        method, args = get_method(name)
+        assert args[option] == default, name
+        assert get_method(name, **{option: other})[1][option] == other
+        with pytest.raises(ValueError, match=f"{option}='nope'; valid: {default}, {other}"):
+            get_method(name, **{option: "nope"})
+    # and no other method accepts it (an option that does nothing is an error, as any unknown option)
+    other_method = next(n for n in ("ga", "npo_gd") if n not in users)
+    with pytest.raises(ValueError, match=f"unknown options \\['{option}'\\]"):
+        get_method(other_method, **{option: default})
+
+
+def test_pcgrad_ngdiff_form_through_combine():
+    f = [torch.tensor([1.0, 1.0]), torch.tensor([[0.0]])]
+    r = [torch.tensor([-2.0, 0.0]), torch.tensor([[2.0]])]
+    method, args = get_method("pcgrad", pcgrad_form="ngdiff")
+    d, info = combine(method, args, f, r, {}, {})
+    assert torch.allclose(torch.cat([t.reshape(-1) for t in d]), torch.tensor([-6 / 9, 4 / 9, 10 / 9]))
+    assert direction_coefficients(method, args, info) == pytest.approx((4 / 9, 5 / 9))
+    sym, sym_args = get_method("pcgrad")
+    d_sym, _ = combine(sym, sym_args, f, r, {}, {})
+    assert torch.allclose(torch.cat([t.reshape(-1) for t in d_sym]), torch.tensor([-0.5, 2.0, 2.5]))
+
+
+def test_new_methods_pieces():
+    undial, args = get_method("undial_rt")
+    assert [t.objective for t in undial.forget] == ["undial"] and args == {"beta": 10.0, "retain_weight": 1.0}
+    satimp, args = get_method("SatImp+RT")
+    assert args == {"beta1": 5.0, "beta2": 1.0, "retain_weight": 0.1}      # alpha 0.1 as open-unlearning
+    assert get_method("gru_satimp_gd")[1]["retain_weight"] == 0.1
+    assert get_method("ceu")[0].retain == () and get_method("ce-u")[0] is get_method("ceu")[0]
+    assert get_method("blur_satimp")[0].combiner == "blur" and get_method("gru_undial")[0].combiner == "gru"
+    df = list_methods().set_index("method")
+    assert {"undial", "undial_gd", "ceu", "satimp", "satimp_gd"} <= set(df.index)
+    assert all(df.loc[m, "source"] for m in ("undial", "ceu", "satimp"))
