@@ -10,20 +10,32 @@ A run is a folder `runs/<run_id>/` of plain files:
     masks.parquet      continual runs: mask overlap between tasks (columns MASK_COLUMNS)
     mask_counts.parquet  continual ALKN runs: active coordinates per task and tensor (lab.masks.mask_counts)
 
-Every file is written atomically (temp file in the same folder + os.replace), so a reader never sees a
-half-written file. A run that fails before it produced anything is removed; a run stopped by a
-`RunStopped` (e.g. divergence) keeps what it has with the status it names.
+    writer.lock        while a process writes the run: {pid, host, started}; flock-ed by the writer (the
+                       kernel drops the lock when the process dies, kill -9 included); its mtime is the
+                       writer's heartbeat. Removed when the writer finishes.
+
+Every file is written atomically (temp file in the same folder + os.replace, with the umask's permissions),
+so a reader never sees a half-written file; the trace is flushed every `flush_every` rows or
+`FLUSH_SECONDS`, whichever comes first. An ordinary exception removes the run (nothing half-written is
+left behind); Ctrl-C keeps it with status "interrupted" and everything written so far (`RunInterrupted`);
+a `RunStopped` (e.g. divergence) keeps it with the status it names. A run whose summary says "running"
+but whose writer is gone reads back with status "stale" (`RunRecord.status_note` says why).
+A run has one writer: a second process that tries to write it gets `RunLocked` naming the first one's pid.
+Every file is validated on read: a broken file becomes an entry in `RunRecord.errors`, never an exception.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +46,10 @@ import lab
 CONFIG, TRACE, EVAL, EVAL_ROWS, SUMMARY, MASKS, MASK_COUNTS = (
     "config.yaml", "trace.parquet", "eval.jsonl", "eval_rows.parquet", "summary.json", "masks.parquet",
     "mask_counts.parquet")
+LOCK = "writer.lock"
+FLUSH_SECONDS = 5.0          # the trace reaches the disk at least this often (a kill -9 loses at most this)
+HEARTBEAT_SECONDS = 5.0      # the writer touches writer.lock at most this often (log_step, log_eval, summary)
+STALE_AFTER_SECONDS = 1800   # a writer on ANOTHER host counts as gone after this long without a heartbeat
 
 # Trace columns every step (METHODS §7). Method-specific extras (GRU cos_pre/cos_post/projected, NGDiff
 # c_t, BLUR xi, ...) are added by the engine; the dashboard imports this list to know what to plot.
@@ -61,16 +77,24 @@ MASK_COLUMNS = ["task_a", "task_b", "scope", "jaccard"]
 #   Continual runs: `task` = index of the last finished task (-1 for "initial"), `eval_task` = whose
 #   forget set the forget_* metrics describe (None for utility-only records). Cascading degradation
 #   (ALKN fig. 2a) for task k = forget_prob at checkpoint "initial" vs after task k-1.
+#   "probe:<name>" (lab.probes, METHODS §8): the final model under a robustness probe (relearn, quant8, ...).
 EVAL_INDEX = ["step", "epoch", "task", "eval_task", "checkpoint"]
+PROBE_PREFIX = "probe:"
+PROBES = ("relearn", "quant8", "quant4", "paraphrase", "fewshot")   # lab.probes, in report order
 # Columns identifying a run in list/long-form tables (read from config.yaml).
 RUN_KEYS = ["kind", "method", "model", "benchmark", "protocol", "seed"]
 
 
 # ---------------------------------------------------------------- atomic file writes
+def _temp_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
+    tmp = _temp_path(path)
+    try:  # os.open with 0o666: the umask decides the permissions, as for any tool (mkstemp forces 0600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -90,8 +114,7 @@ def atomic_write_json(path, obj) -> None:
 
 def atomic_write_parquet(path, df: pd.DataFrame) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_path(path)
     try:
         df.to_parquet(tmp, index=False)
         os.replace(tmp, path)
@@ -121,6 +144,18 @@ class RunStopped(Exception):
         self.status = status
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside a run: the run is kept (status "interrupted"); the message says where it is."""
+
+    def __init__(self, message: str, run_dir: Path):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class RunLocked(RuntimeError):
+    """The run already has a live writer (another process): it is not written by two at once."""
+
+
 def make_run_id(config: dict) -> str:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     label = "-".join(str(config.get(k)) for k in ("kind", "method", "model") if config.get(k))
@@ -129,23 +164,127 @@ def make_run_id(config: dict) -> str:
     return f"{stamp}-{label}-{digest}"
 
 
-class Run:
-    """A run directory being written. Use through `create_run`."""
+class WriterLock:
+    """One process owns a run directory while it writes it: `<run>/writer.lock` holds {pid, host, started},
+    is flock-ed for the writer's lifetime (released by the kernel when the process dies, even on kill -9)
+    and its mtime is the writer's heartbeat (`beat`, at most every HEARTBEAT_SECONDS)."""
 
-    def __init__(self, path: Path, config: dict, flush_every: int = 50):
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+        self._beat = 0.0
+
+    def acquire(self) -> "WriterLock":
+        for attempt in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if attempt < 5:     # a reader probing the lock holds it for microseconds: retry briefly
+                    time.sleep(0.05)
+                    continue
+                raise RunLocked(f"{self.path.parent} is being written by {describe_writer(read_writer(self.path.parent))}; "
+                                "wait for it to finish or stop that process first") from None
+            try:    # the file we locked may have been unlinked by a writer that just finished: lock the live one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            old = read_writer(self.path.parent)
+            if old and old.get("host") not in (None, socket.gethostname()) and old["heartbeat_age"] < STALE_AFTER_SECONDS:
+                os.close(fd)   # a writer on another host (a file system without shared flock): trust its heartbeat
+                raise RunLocked(f"{self.path.parent} is being written by {describe_writer(old)}; wait for it to "
+                                "finish or stop that process first")
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            self._fd, self._beat = fd, time.monotonic()
+            return self
+        raise RunLocked(f"{self.path}: could not take the writer lock (it keeps being replaced)")
+
+    def beat(self) -> None:
+        """Refresh the heartbeat (the lock file's mtime); one clock read when it is not due."""
+        if self._fd is not None and time.monotonic() - self._beat >= HEARTBEAT_SECONDS:
+            os.utime(self._fd)
+            self._beat = time.monotonic()
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+def read_writer(run_dir: str | os.PathLike) -> dict | None:
+    """The writer of a run as its lock file says: {pid, host, started, heartbeat, heartbeat_age, alive},
+    or None when no lock file exists (a finished run, or one written before runs had locks).
+    alive: the flock is held (same host), or, for a writer on another host, a heartbeat within
+    STALE_AFTER_SECONDS."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            info = info if isinstance(info, dict) else {}
+        except ValueError:
+            info = {}
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            held = False
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            held = True
+    finally:
+        os.close(fd)
+    age = time.time() - st.st_mtime
+    info.update(heartbeat=dt.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"),
+                heartbeat_age=age)
+    other_host = info.get("host") not in (None, socket.gethostname())
+    info["alive"] = held or (other_host and age < STALE_AFTER_SECONDS)
+    return info
+
+
+def describe_writer(info: dict | None) -> str:
+    if not info:
+        return "another process"
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} (started {info.get('started', '?')}, "
+            f"last heartbeat {info.get('heartbeat', '?')})")
+
+
+class Run:
+    """A run directory being written. Use through `create_run`.
+
+    writer: the directory's WriterLock (taken here when not given); `close` releases it."""
+
+    def __init__(self, path: Path, config: dict, flush_every: int = 50, writer: WriterLock | None = None):
         self.path, self.config = path, config
         self.flush_every = flush_every
+        self.writer = writer or WriterLock(path).acquire()
         self._trace: list[dict] = []
         self._unflushed = 0
+        self._flushed_at = float("-inf")     # the first row reaches the disk at once
         self._rows: list[pd.DataFrame] = []
-        self.summary: dict = {"status": "running", "started": _now()}
+        self.summary: dict = {"status": "running", "started": _now(), "pid": os.getpid(),
+                              "host": socket.gethostname()}
 
-    # trace: buffered, the whole table rewritten atomically every `flush_every` rows and at close
+    # trace: buffered, the whole table rewritten atomically every `flush_every` rows or FLUSH_SECONDS
+    # (at most one rewrite per that many rows or seconds) and at close
     def log_step(self, row: dict) -> None:
         self._trace.append({k: _scalar(v) for k, v in row.items()})
         self._unflushed += 1
-        if self._unflushed >= self.flush_every:
+        if self._unflushed >= self.flush_every or time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
             self.flush()
+        self.writer.beat()
 
     def flush(self) -> None:
         if self._trace:
@@ -153,6 +292,7 @@ class Run:
         if self._rows:
             atomic_write_parquet(self.path / EVAL_ROWS, pd.concat(self._rows, ignore_index=True))
         self._unflushed = 0
+        self._flushed_at = time.monotonic()
 
     def log_eval(self, record: dict, rows: pd.DataFrame | None = None) -> None:
         """Append one evaluation point to eval.jsonl (and its per-row outputs to eval_rows.parquet)."""
@@ -161,6 +301,7 @@ class Run:
             keys = {k: record[k] for k in EVAL_INDEX if k in record}
             self._rows.append(rows.assign(**keys))
             self.flush()
+        self.writer.beat()
 
     def log_masks(self, overlap: pd.DataFrame) -> None:
         """Write (replace) the mask-overlap table of a continual run (columns MASK_COLUMNS)."""
@@ -172,6 +313,17 @@ class Run:
     def write_summary(self, **fields) -> None:
         self.summary.update({k: _scalar(v) for k, v in fields.items()})
         atomic_write_json(self.path / SUMMARY, self.summary)
+        self.writer.beat()
+
+    def close(self) -> None:
+        """Give up the directory (the writer lock); the run is finished as far as this process goes."""
+        self.writer.release()
+
+    def interrupted(self) -> None:
+        """Ctrl-C: flush what was logged and mark the run "interrupted" (the caller re-raises)."""
+        where = f" after {len(self._trace)} trace rows (last step {self._trace[-1].get('step')})" if self._trace else ""
+        self.flush()
+        self.write_summary(status="interrupted", error=f"interrupted (Ctrl-C){where}", finished=_now())
 
     @property
     def has_output(self) -> bool:
@@ -186,15 +338,30 @@ def _append_eval_line(path: Path, record: dict) -> dict:
     return record
 
 
-def append_eval(path: str | os.PathLike, record: dict) -> None:
+def append_eval(path: str | os.PathLike, record: dict, rows: pd.DataFrame | None = None) -> None:
     """Add an evaluation record to a FINISHED run's eval.jsonl (an analysis made after the run, e.g. a
-    UWC calibration of its weights: checkpoint "uwc"). The file is rewritten atomically."""
+    UWC calibration of its weights: checkpoint "uwc"; a robustness probe: "probe:<name>"), and its per-row
+    outputs to eval_rows.parquet. Each file is rewritten atomically."""
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"append_eval: {path} is not a run directory (no {CONFIG})")
+    writer = read_writer(path)
+    if writer and writer["alive"]:
+        raise RunLocked(f"append_eval: {path} is still being written by {describe_writer(writer)}")
     if not record.get("checkpoint"):
         raise ValueError("append_eval: the record needs a 'checkpoint' (which model it evaluates)")
-    _append_eval_line(path, record)
+    record = _append_eval_line(path, record)
+    if rows is not None and len(rows):
+        rows = rows.assign(**{k: record[k] for k in EVAL_INDEX if k in record})
+        old = pd.read_parquet(path / EVAL_ROWS) if (path / EVAL_ROWS).exists() else None
+        atomic_write_parquet(path / EVAL_ROWS, rows if old is None else pd.concat([old, rows], ignore_index=True))
+
+
+def update_summary(path: str | os.PathLike, **fields) -> None:
+    """Merge fields into a finished run's summary.json (atomically)."""
+    p = Path(path) / SUMMARY
+    summary = json.loads(p.read_text()) if p.exists() else {}
+    atomic_write_json(p, {**(summary if isinstance(summary, dict) else {}), **fields})
 
 
 @contextlib.contextmanager
@@ -202,7 +369,9 @@ def create_run(config: dict, root: str | os.PathLike = "runs", run_id: str | Non
     """Create `root/<run_id>/`, write config.yaml, yield a `Run`; finish summary.json on exit.
 
     On an ordinary exception the directory is removed (no half-written run is left behind); on
-    `RunStopped` it is kept with that status and the error message, then the exception propagates.
+    `RunStopped` it is kept with that status and the error message, then the exception propagates;
+    on Ctrl-C it is kept with status "interrupted" (if it wrote anything) and `RunInterrupted` (a
+    KeyboardInterrupt naming the directory) propagates.
     """
     config = {**config, "lab_version": lab.__version__}
     Path(root).mkdir(parents=True, exist_ok=True)
@@ -229,12 +398,22 @@ def create_run(config: dict, root: str | os.PathLike = "runs", run_id: str | Non
         run.flush()
         run.write_summary(status=stop.status, error=str(stop), finished=_now())
         raise
+    except KeyboardInterrupt as e:
+        if not run.has_output:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        run.interrupted()
+        if isinstance(e, RunInterrupted):
+            raise
+        raise RunInterrupted(f"interrupted; the run so far is kept in {path} (status interrupted)", path) from e
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
     else:
         run.flush()
         run.write_summary(status="done", finished=_now())
+    finally:
+        run.close()
 
 
 def _now() -> str:
@@ -266,22 +445,22 @@ def _plain(obj):
 class RunRecord:
     """One run directory as read back: config, trace, evals, rows, summary and any read errors.
 
-    Missing or corrupt files do not raise: they become entries in `errors` so a dashboard can warn
-    and still render the rest.
+    Missing or corrupt files do not raise: every file is validated (config.yaml a mapping, summary.json
+    an object, each eval.jsonl line an object, trace.parquet a table with a step column, none empty) and
+    a bad one becomes an entry in `errors` (and its default: {} or an empty table), so a dashboard can
+    warn and still render the rest. `writer` is read_writer(path) (None once the writer finished).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.run_id = self.path.name
         self.errors: list[str] = []
-        self.config = self._read(CONFIG, lambda p: yaml.safe_load(p.read_text()) or {}, {})
-        if not isinstance(self.config, dict):
-            self.errors.append(f"{self.path / CONFIG}: not a mapping")
-            self.config = {}
-        self.summary = self._read(SUMMARY, lambda p: json.loads(p.read_text()), {})
-        self.trace = self._read(TRACE, pd.read_parquet, pd.DataFrame(), required=False)
+        self.config = self._read(CONFIG, _read_config, {})
+        self.summary = self._read(SUMMARY, _read_summary, {})
+        self.trace = self._read(TRACE, _read_trace, pd.DataFrame(), required=False)
         self.evals = self._read(EVAL, _read_jsonl, pd.DataFrame(), required=False)
         self.masks = self._read(MASKS, pd.read_parquet, pd.DataFrame(), required=False)
+        self.writer = read_writer(self.path) if self.summary.get("status") == "running" else None
 
     def _read(self, name, reader, default, required=True):
         p = self.path / name
@@ -290,6 +469,8 @@ class RunRecord:
                 self.errors.append(f"{p}: missing")
             return default
         try:
+            if p.stat().st_size == 0:
+                raise ValueError("empty file")
             return reader(p)
         except Exception as e:  # corrupt file: report, keep going
             self.errors.append(f"{p}: unreadable ({type(e).__name__}: {e})")
@@ -305,6 +486,12 @@ class RunRecord:
         """Continual ALKN runs: per task and tensor active counts (task, name, layer, module, active, numel)."""
         return self._read_lazily(MASK_COUNTS)
 
+    @property
+    def probe_evals(self) -> pd.DataFrame:
+        """The robustness-probe records of eval.jsonl (checkpoint "probe:<name>", lab.probes) with a
+        `probe` column; empty when the run has none."""
+        return probe_evals(self.evals)
+
     def _read_lazily(self, name) -> pd.DataFrame:
         before = len(self.errors)
         df = self._read(name, pd.read_parquet, pd.DataFrame(), required=False)
@@ -314,13 +501,61 @@ class RunRecord:
 
     @property
     def status(self) -> str:
+        """summary.json's status; "stale" for a "running" run whose writer is gone; "broken" without a summary."""
         if self.errors and not self.summary:
             return "broken"
-        return self.summary.get("status", "unknown")
+        status = self.summary.get("status", "unknown")
+        if status == "running" and self.writer is not None and not self.writer["alive"]:
+            return "stale"
+        return status
+
+    @property
+    def status_note(self) -> str:
+        """Why the status is what it is, in a few words ("" for done / running runs)."""
+        if self.status == "stale":
+            return f"stale: writer gone ({describe_writer(self.writer)})"
+        if self.status == "running" and self.writer:
+            return f"written by {describe_writer(self.writer)}"
+        if self.status == "broken":
+            return "; ".join(self.errors)
+        return str(self.summary.get("error") or "")
 
     def meta(self) -> dict:
         return {"run_id": self.run_id, "path": str(self.path), "status": self.status,
                 **{k: self.config.get(k) for k in RUN_KEYS}}
+
+
+def _read_config(p: Path) -> dict:
+    config = yaml.safe_load(p.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"expected a YAML mapping, got {type(config).__name__}")
+    return config
+
+
+def _read_summary(p: Path) -> dict:
+    summary = json.loads(p.read_text())
+    if not isinstance(summary, dict):
+        raise ValueError(f"expected a JSON object, got {type(summary).__name__}")
+    for key, kind in (("status", str), ("metrics", dict), ("error", str)):
+        if summary.get(key) is not None and not isinstance(summary[key], kind):
+            raise ValueError(f"{key!r} is a {type(summary[key]).__name__}, expected a {kind.__name__}")
+    return summary
+
+
+def _read_trace(p: Path) -> pd.DataFrame:
+    df = pd.read_parquet(p)
+    if len(df) and "step" not in df.columns:
+        raise ValueError(f"no 'step' column; columns: {list(df.columns)[:10]}")
+    return df
+
+
+def probe_evals(evals: pd.DataFrame | None) -> pd.DataFrame:
+    """The probe records (checkpoint "probe:<name>") of an eval table, with a `probe` column."""
+    if evals is None or evals.empty or "checkpoint" not in evals:
+        return pd.DataFrame()
+    probe = evals[evals["checkpoint"].astype(str).str.startswith(PROBE_PREFIX)].copy()
+    probe["probe"] = probe["checkpoint"].str[len(PROBE_PREFIX):]
+    return probe.reset_index(drop=True)
 
 
 def _read_jsonl(p: Path) -> pd.DataFrame:
@@ -328,9 +563,12 @@ def _read_jsonl(p: Path) -> pd.DataFrame:
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"line {i}: {e}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"line {i}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
     return pd.DataFrame(records)
 
 
@@ -349,10 +587,13 @@ def load_run(path) -> RunRecord:
 
 
 def list_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
-    """One row per run: run_id, path, status, kind, method, model, benchmark, protocol, seed, errors."""
+    """One row per run: run_id, path, status, kind, method, model, benchmark, protocol, seed, note, errors.
+
+    note: RunRecord.status_note (a stale run's vanished writer, a stopped run's error)."""
     recs = [load_run(p) for p in find_runs(root)]
-    cols = ["run_id", "path", "status", *RUN_KEYS, "errors"]
-    return pd.DataFrame([{**r.meta(), "errors": "; ".join(r.errors)} for r in recs], columns=cols)
+    cols = ["run_id", "path", "status", *RUN_KEYS, "note", "errors"]
+    return pd.DataFrame([{**r.meta(), "note": r.status_note if r.status != "broken" else "",
+                          "errors": "; ".join(r.errors)} for r in recs], columns=cols)
 
 
 def load_runs(root: str | os.PathLike = "runs", kinds=("trace", "eval")) -> pd.DataFrame:

@@ -1,4 +1,12 @@
 import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -112,3 +120,149 @@ def test_atomic_write_does_not_clobber_on_failure(tmp_path):
         runs.atomic_write_json(target, {"a": Unserialisable()})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+# ---------------------------------------------------------------- interruptions, writers, broken files
+def test_ctrl_c_keeps_the_run_marked_interrupted(tmp_path):
+    cfg = {"kind": "unlearn", "method": "GA"}
+    with pytest.raises(KeyboardInterrupt) as info:      # RunInterrupted is a KeyboardInterrupt
+        with runs.create_run(cfg, root=tmp_path) as run:
+            run.log_eval({"step": 0, "checkpoint": "initial", "forget_rouge": 0.9})
+            for s in range(13):
+                run.log_step({"step": s, "loss_f": 1.0})
+            raise KeyboardInterrupt
+    (path,) = tmp_path.iterdir()
+    assert isinstance(info.value, runs.RunInterrupted) and info.value.run_dir == path and str(path) in str(info.value)
+    rec = runs.load_run(path)
+    assert rec.status == "interrupted" and "13 trace rows" in rec.summary["error"] and rec.errors == []
+    assert len(rec.trace) == 13 and list(rec.evals["checkpoint"]) == ["initial"]
+    assert not (path / runs.LOCK).exists()
+    assert runs.list_runs(tmp_path)["status"].tolist() == ["interrupted"]
+
+
+def test_ctrl_c_before_anything_was_written_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with runs.create_run({"kind": "unlearn"}, root=tmp_path):
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+WRITER = """
+import sys, time
+from lab import runs
+with runs.create_run({"kind": "unlearn", "method": "GA"}, root=sys.argv[1]) as run:
+    print(run.path, flush=True)
+    for s in range(100000):
+        run.log_step({"step": s, "loss_f": 1.0})
+        time.sleep(0.01)
+"""
+
+
+def _start_writer(root):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True)
+    path = Path(proc.stdout.readline().strip())
+    _wait_for(lambda: (path / runs.TRACE).exists() and len(runs.load_run(path).trace) >= 3, proc)
+    return proc, path
+
+
+def _wait_for(condition, proc, limit=120):
+    deadline = time.monotonic() + limit   # a bound against hanging, not a timing claim
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, "writer exited or never got there"
+        time.sleep(0.1)
+
+
+def test_sigint_to_a_writing_process_keeps_its_run(tmp_path):
+    proc, path = _start_writer(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    rec = runs.load_run(path)
+    assert rec.status == "interrupted" and len(rec.trace) >= 3 and rec.errors == []
+    assert rec.trace["step"].tolist() == list(range(len(rec.trace)))      # every logged row flushed
+
+
+def test_kill_9_leaves_a_stale_run_with_its_trace_and_a_second_writer_waits_for_a_live_one(tmp_path):
+    proc, path = _start_writer(tmp_path)
+    try:
+        live = runs.load_run(path)
+        assert live.status == "running" and live.writer["alive"] and live.writer["pid"] == proc.pid
+        assert f"pid {proc.pid}" in live.status_note
+        with pytest.raises(runs.RunLocked, match=f"being written by pid {proc.pid} on "):
+            runs.WriterLock(path).acquire()
+        with pytest.raises(runs.RunLocked, match=f"pid {proc.pid}"):
+            runs.append_eval(path, {"checkpoint": "uwc", "x": 1})
+    finally:
+        proc.kill()
+        proc.wait()
+    rec = runs.load_run(path)
+    assert rec.summary["status"] == "running" and rec.status == "stale"
+    assert rec.status_note.startswith("stale: writer gone (pid %d" % proc.pid)
+    assert len(rec.trace) >= 3                                   # rows reached the disk before 50 steps
+    listed = runs.list_runs(tmp_path)
+    assert listed["status"].tolist() == ["stale"] and "writer gone" in listed["note"][0]
+    lock = runs.WriterLock(path).acquire()                       # a dead writer's run can be taken over
+    assert json.loads((path / runs.LOCK).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (path / runs.LOCK).exists()
+
+
+def test_trace_is_flushed_by_time_not_only_every_50_rows(tmp_path, monkeypatch):
+    with runs.create_run({"kind": "unlearn"}, root=tmp_path) as run:
+        run.log_step({"step": 0, "loss_f": 1.0})                 # the first row is written at once
+        assert len(pd.read_parquet(run.path / runs.TRACE)) == 1
+        monkeypatch.setattr(runs, "FLUSH_SECONDS", 0.0)
+        run.log_step({"step": 1, "loss_f": 1.0})
+        assert len(pd.read_parquet(run.path / runs.TRACE)) == 2
+        monkeypatch.setattr(runs, "FLUSH_SECONDS", 1e9)
+        run.log_step({"step": 2, "loss_f": 1.0})
+        assert len(pd.read_parquet(run.path / runs.TRACE)) == 2  # within the interval: buffered
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = _write_run(tmp_path)
+        runs.atomic_write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*path.iterdir(), tmp_path / "x.json"]}
+    assert set(modes.values()) == {0o644}, modes
+    old = os.umask(0o077)
+    try:
+        runs.atomic_write_parquet(tmp_path / "t.parquet", pd.DataFrame({"a": [1]}))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t.parquet").stat().st_mode) == 0o600
+
+
+BROKEN_SHAPES = {   # file -> {shape: content}
+    runs.SUMMARY: {"list": "[1, 2]", "scalar": "3", "truncated": '{"status": "done", "metr', "empty": "",
+                   "bad_status": '{"status": ["done"]}'},
+    runs.CONFIG: {"list": "- a\n- b\n", "scalar": "7\n", "truncated": "method: [unclosed\n", "empty": ""},
+    runs.EVAL: {"list": '[{"step": 1}]\n', "scalar": '{"step": 0}\n5\n', "truncated": '{"step": 0}\n{"ste',
+                "empty": ""},
+    runs.TRACE: {"truncated": None, "empty": "", "no_step": None},
+}
+
+
+@pytest.mark.parametrize("name,shape", [(n, s) for n, shapes in BROKEN_SHAPES.items() for s in shapes])
+def test_every_run_file_is_validated_on_read(tmp_path, name, shape):
+    good = _write_run(tmp_path)
+    bad = tmp_path / f"broken-{shape}"
+    shutil.copytree(good, bad)
+    content = BROKEN_SHAPES[name][shape]
+    if name == runs.TRACE and shape == "truncated":
+        data = (bad / runs.TRACE).read_bytes()
+        (bad / runs.TRACE).write_bytes(data[:len(data) // 2])
+    elif name == runs.TRACE and shape == "no_step":
+        pd.DataFrame({"loss": [1.0]}).to_parquet(bad / runs.TRACE)
+    else:
+        (bad / name).write_text(content)
+    rec = runs.load_run(bad)
+    assert any(e.startswith(f"{bad / name}: unreadable") for e in rec.errors), rec.errors
+    assert isinstance(rec.summary, dict) and isinstance(rec.config, dict)
+    assert rec.status in ("broken", "done")
+    listed = runs.list_runs(tmp_path)
+    assert set(listed["run_id"]) == {good.name, bad.name}
+    assert listed.set_index("run_id").loc[bad.name, "errors"]
+    assert set(runs.load_runs(tmp_path)["run_id"]) >= {good.name}
