@@ -177,8 +177,10 @@ class WriterLock:
     def acquire(self) -> "WriterLock":
         for attempt in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            flocked = None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                flocked = False       # read_writer's sense: nobody else holds it
             except BlockingIOError:
                 os.close(fd)
                 if attempt < 5:     # a reader probing the lock holds it for microseconds: retry briefly
@@ -186,6 +188,8 @@ class WriterLock:
                     continue
                 raise RunLocked(f"{self.path.parent} is being written by {describe_writer(read_writer(self.path.parent))}; "
                                 "wait for it to finish or stop that process first") from None
+            except OSError:         # a file system without flock (some network mounts): pid + heartbeat only
+                pass
             try:    # the file we locked may have been unlinked by a writer that just finished: lock the live one
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -194,8 +198,8 @@ class WriterLock:
                 os.close(fd)
                 continue
             old = read_writer(self.path.parent)
-            if old and old.get("host") not in (None, socket.gethostname()) and old["heartbeat_age"] < STALE_AFTER_SECONDS:
-                os.close(fd)   # a writer on another host (a file system without shared flock): trust its heartbeat
+            if old and old.get("pid") not in (None, os.getpid()) and _writer_alive(old, held=flocked):
+                os.close(fd)   # flock not shared (another host, or no flock here): trust its pid / heartbeat
                 raise RunLocked(f"{self.path.parent} is being written by {describe_writer(old)}; wait for it to "
                                 "finish or stop that process first")
             info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
@@ -224,8 +228,8 @@ class WriterLock:
 def read_writer(run_dir: str | os.PathLike) -> dict | None:
     """The writer of a run as its lock file says: {pid, host, started, heartbeat, heartbeat_age, alive},
     or None when no lock file exists (a finished run, or one written before runs had locks).
-    alive: the flock is held (same host), or, for a writer on another host, a heartbeat within
-    STALE_AFTER_SECONDS."""
+    alive: the flock is held (same host; without flock support: the pid exists), or, for a writer on
+    another host, a heartbeat within STALE_AFTER_SECONDS."""
     path = Path(run_dir) / LOCK
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -244,14 +248,33 @@ def read_writer(run_dir: str | os.PathLike) -> dict | None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         except BlockingIOError:
             held = True
+        except OSError:      # no flock on this file system
+            held = None
     finally:
         os.close(fd)
-    age = time.time() - st.st_mtime
     info.update(heartbeat=dt.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"),
-                heartbeat_age=age)
-    other_host = info.get("host") not in (None, socket.gethostname())
-    info["alive"] = held or (other_host and age < STALE_AFTER_SECONDS)
+                heartbeat_age=time.time() - st.st_mtime)
+    info["alive"] = _writer_alive(info, held)
     return info
+
+
+def _writer_alive(info: dict, held: bool | None) -> bool:
+    """held: the flock probe (None: no flock here). Same host: the flock, else the pid; another host: the
+    heartbeat's age."""
+    if held:
+        return True
+    if info.get("host") not in (None, socket.gethostname()):
+        return info["heartbeat_age"] < STALE_AFTER_SECONDS
+    pid = info.get("pid")
+    if held is False or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return True
 
 
 def describe_writer(info: dict | None) -> str:
