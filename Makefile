@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup test test-fast demo dashboard reports clean
+.PHONY: setup test test-fast demo dashboard reports lab clean
 
 setup: $(STAMP)
 
@@ -36,8 +36,14 @@ PROFILE ?= cpu
 reports: $(STAMP)
 	$(PY) -m lab report --all --profile $(PROFILE)
 
+# localhost only, no usage statistics (lab.report.STREAMLIT_FLAGS), over RUNS
+RUNS ?= runs
 dashboard: $(STAMP)
-	$(PY) -m streamlit run dashboard/app.py
+	$(PY) -m lab demo --dashboard-only --runs $(RUNS)
+
+# JupyterLab on notebooks/ with the venv's kernel, on localhost (lab notebook)
+lab: $(STAMP)
+	$(PY) -m lab notebook
 
 clean:
 	rm -rf .venv runs reports .pytest_cache

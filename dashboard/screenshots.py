@@ -59,9 +59,9 @@ def serve(runs_root, port: int | None = None, timeout: float = 90.0, log_path=No
     port = port or free_port()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-           "--server.address", "localhost", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none", "--", "--runs", str(Path(runs_root).resolve())]
+    from lab.report import STREAMLIT_FLAGS   # localhost only, no usage statistics, whatever the cwd
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port), *STREAMLIT_FLAGS,
+           "--", "--runs", str(Path(runs_root).resolve())]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://localhost:{port}"

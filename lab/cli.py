@@ -9,6 +9,7 @@
     lab runs show RUN                                    # one run: config, summary, evaluations
     lab report alkn_continual --profile demo             # execute a notebook into reports/*.ipynb + .html
     lab demo                                             # the embedded default end to end
+    lab notebook                                         # JupyterLab on notebooks/ (localhost)
 """
 from __future__ import annotations
 
@@ -179,10 +180,12 @@ DEMO_JOBS = min(2, len(os.sched_getaffinity(0)))
 
 def cmd_demo(args) -> None:
     """prepare (cached) -> every notebook with the demo profile -> summary -> dashboard."""
-    import subprocess
     import time
     from lab.prepare import prepare
-    from lab.report import REPO, run_notebooks
+    from lab.report import REPO, run_notebooks, serve_dashboard
+    if args.dashboard_only:
+        serve_dashboard(args.runs, args.port)
+        return
     t0 = time.time()
     print("lab demo: preparing the tiny target and retain models on the embedded TOFU subset", flush=True)
     prepare(model="tiny", benchmark="tofu_subset", runs_root=args.runs)
@@ -203,14 +206,14 @@ def cmd_demo(args) -> None:
     if not app.is_file():
         print(f"lab demo: no dashboard at {app} - nothing to serve; the reports above are the results")
         return
-    url = f"http://localhost:{args.port}"
-    print(f"lab demo: dashboard at {url}  (Ctrl-C to stop)", flush=True)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
-           "--server.port", str(args.port), "--", "--runs", os.path.abspath(args.runs)]
-    try:
-        subprocess.run(cmd, check=False)
-    except KeyboardInterrupt:
-        pass
+    serve_dashboard(args.runs, args.port)
+
+
+def cmd_notebook(args) -> None:
+    from lab.report import serve_notebooks
+    code = serve_notebooks(args.port, args.token, open_browser=not args.no_browser)
+    if code:
+        raise SystemExit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,12 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="docs/claims.md", help="ledger path (default: docs/claims.md)")
     sp.set_defaults(func=cmd_claims)
 
+    sp = sub.add_parser("notebook", help="JupyterLab on notebooks/ (localhost, this venv's kernel)")
+    sp.add_argument("--port", type=int, default=8888, help="port (default 8888)")
+    sp.add_argument("--token", help="access token (default: JupyterLab makes one and prints the URL)")
+    sp.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    sp.set_defaults(func=cmd_notebook)
+
     sp = sub.add_parser("demo", help="the embedded default end to end: prepare, every notebook (demo profile), "
                                      "HTML reports, then the dashboard")
     sp.add_argument("--runs", default="runs", help="run directory root (default: runs/)")
     sp.add_argument("--out", default="reports", help="report directory (default: reports/)")
     sp.add_argument("--port", type=int, default=8501, help="dashboard port (default 8501)")
     sp.add_argument("--no-dashboard", action="store_true", help="stop after the reports")
+    sp.add_argument("--dashboard-only", action="store_true",
+                    help="only serve the dashboard over --runs (localhost, no usage statistics)")
     sp.add_argument("-j", "--jobs", type=int, default=DEMO_JOBS,
                     help=f"notebooks at once, each with 1/jobs of the cores (default {DEMO_JOBS})")
     sp.set_defaults(func=cmd_demo)

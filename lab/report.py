@@ -279,6 +279,61 @@ def run_notebooks(names: list[str] | None = None, profile: str = CPU_PROFILE,
     return [done[n] for n in names]
 
 
+# ---------------------------------------------------------------- the dashboard and JupyterLab servers
+# Streamlit reads .streamlit/config.toml only from its working directory: every way the lab starts it
+# passes these, so `lab demo` from any folder serves on this machine only and sends no usage statistics.
+STREAMLIT_FLAGS = ["--server.address", "localhost", "--browser.gatherUsageStats", "false",
+                   "--server.headless", "true", "--server.fileWatcherType", "none"]
+
+
+def dashboard_command(runs_root: str | os.PathLike = "runs", port: int = 8501) -> list[str]:
+    """argv that serves dashboard/app.py on localhost:<port> over runs_root (any working directory)."""
+    import sys
+    return [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"), *STREAMLIT_FLAGS,
+            "--server.port", str(port), "--", "--runs", os.path.abspath(runs_root)]
+
+
+def serve_dashboard(runs_root: str | os.PathLike = "runs", port: int = 8501) -> int:
+    """Serve the dashboard until Ctrl-C (blocking); returns streamlit's exit code (0 after Ctrl-C)."""
+    import subprocess
+    print(f"lab: dashboard at http://localhost:{port}  over {os.path.abspath(runs_root)}  (Ctrl-C to stop)",
+          flush=True)
+    try:
+        return subprocess.run(dashboard_command(runs_root, port), check=False).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+def notebook_command(port: int = 8888, token: str | None = None, open_browser: bool = True,
+                     notebooks: str | os.PathLike | None = None) -> list[str]:
+    """argv that opens JupyterLab on notebooks/ on localhost:<port> with this interpreter's kernel.
+
+    token None: JupyterLab makes one and prints the URL holding it. The server's own interpreter is the
+    native kernel (python3 = the venv's python, also what `make setup` installs as the sys-prefix kernel);
+    no update / news / extension-index checks (they would need the internet)."""
+    import sys
+    cmd = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={Path(notebooks or NOTEBOOKS)}",
+           "--ServerApp.ip=localhost", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+           "--KernelSpecManager.ensure_native_kernel=True", f"--MappingKernelManager.default_kernel_name={KERNEL}",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url=None",
+           "--LabApp.extension_manager=readonly", f"--ServerApp.open_browser={open_browser}"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:   # containers run as root; Jupyter refuses it otherwise
+        cmd.append("--ServerApp.allow_root=True")
+    if token is not None:
+        cmd.append(f"--IdentityProvider.token={token}")
+    return cmd
+
+
+def serve_notebooks(port: int = 8888, token: str | None = None, open_browser: bool = True) -> int:
+    """JupyterLab on notebooks/ until Ctrl-C (blocking); returns its exit code (0 after Ctrl-C)."""
+    import subprocess
+    print(f"lab: JupyterLab on {NOTEBOOKS} at http://localhost:{port}/lab  (Ctrl-C to stop)", flush=True)
+    try:
+        return subprocess.run(notebook_command(port, token, open_browser), check=False).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
 # demo-profile wall times on 2 CPU cores (README): the scheduling order of run_notebooks(jobs > 1)
 EXPECTED_SECONDS = {"gru_rectification": 86, "blur_bilevel": 78, "alkn_continual": 65, "ngdiff_mto": 58,
                     "00_quickstart": 25}

@@ -1,6 +1,8 @@
 """lab.report: notebook / profile lookup, the parameters-cell rules, papermill execution into .ipynb + offline
 HTML, failing cells kept as .failed.ipynb, and `lab report`. Uses throw-away notebooks in tmp_path."""
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -146,9 +148,73 @@ def test_demo_runs_every_notebook_then_starts_the_dashboard(prepared_tiny, books
     (tmp_path / "dashboard").mkdir()
     (tmp_path / "dashboard" / "app.py").write_text("")
     calls = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     assert cli.main(args + ["--port", "8765"]) == 0
     assert "http://localhost:8765" in capsys.readouterr().out
     assert calls and calls[0][1:4] == ["-m", "streamlit", "run"] and calls[0][-2:] == ["--runs", str(tmp_path / "runs")]
+    assert " ".join(report.STREAMLIT_FLAGS) in " ".join(calls[0])
     calls.clear()
     assert cli.main(args + ["--no-dashboard"]) == 0 and not calls
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as the kernel writes them) of the TCP sockets listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hexport = local.rsplit(":", 1)
+                if state == "0A" and int(hexport, 16) == port:   # 0A = LISTEN
+                    found.append(addr)
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}   # 127.0.0.1, ::1 (little-endian words)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_dashboard_started_from_another_folder_listens_on_localhost_only(tmp_path):
+    """`lab demo --dashboard-only` run outside the repository (where .streamlit/config.toml is not read):
+    the server listens on loopback only and does not collect usage statistics."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    log = tmp_path / "streamlit.log"
+    env = {**os.environ, "PYTHONPATH": str(report.REPO)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lab", "demo", "--dashboard-only", "--runs", "runs",
+                                 "--port", str(port)], cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            assert time.time() < deadline, f"no dashboard on port {port}: {log.read_text()[-2000:]}"
+            time.sleep(0.5)
+        addresses = _listening(port)
+        assert addresses and set(addresses) <= LOOPBACK, addresses      # not 0.0.0.0 / :: (all interfaces)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "Network URL" not in text and f"URL: http://localhost:{port}" in text
+    assert str(elsewhere / "runs") in text                                   # --runs relative to the caller
+    # usage statistics: only the browser learns the setting (websocket), so check what the lab passes
+    cmd = report.dashboard_command("runs", port)
+    assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
