@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from lab.progress import tqdm   # one line per bar when stderr is not a terminal
 
 from lab import distributed, geometry, runs
 from lab.methods import (Method, Term, combine, direction_coefficients, fit_to_model, get_method,

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from lab.progress import tqdm   # one line per bar when stderr is not a terminal
 
 from lab import metrics
 from lab.data import encode_pairs, encode_prompts, format_question

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from lab.progress import tqdm   # one line per bar when stderr is not a terminal
 
 import lab
 from lab import runs

@@ -1,0 +1,41 @@
+"""Progress bars: tqdm on a terminal or in a notebook; elsewhere (a log file, CI, a pipe) ONE line per bar
+when it closes, instead of a carriage-return stream of every update.
+
+    from lab.progress import tqdm          # a drop-in for `from tqdm.auto import tqdm`
+"""
+from __future__ import annotations
+
+import io
+import sys
+
+from tqdm.auto import tqdm as _auto
+from tqdm.autonotebook import tqdm as _console_or_notebook
+from tqdm.std import tqdm as _std
+
+IN_NOTEBOOK = _console_or_notebook is not _std      # tqdm.auto picked the notebook widget
+
+
+class LineBar(_std):
+    """A tqdm that counts as usual but prints only its final state, on one line, at close."""
+
+    def __init__(self, *args, **kwargs):
+        self._line_file = kwargs.get("file") or sys.stderr
+        kwargs["file"] = io.StringIO()
+        super().__init__(*args, **kwargs)
+
+    def close(self):
+        out, self._line_file = self._line_file, None
+        if out is not None and not self.disable:
+            print(self.format_meter(**self.format_dict), file=out, flush=True)
+        super().close()
+
+
+def _isatty(f) -> bool:
+    return bool(getattr(f, "isatty", None)) and f.isatty()
+
+
+def tqdm(*args, **kwargs):
+    """tqdm.auto's bar, or a LineBar when it would write to something that is not a terminal."""
+    if IN_NOTEBOOK or kwargs.get("disable") or _isatty(kwargs.get("file") or sys.stderr):
+        return _auto(*args, **kwargs)
+    return LineBar(*args, **kwargs)
