@@ -70,6 +70,9 @@ KL_ARGS = {"kl_form": "forward"}
 SIMNPO_ARGS = {"beta": 2.5, "delta": 0.0, "simnpo_margin": "paper"}
 UNDIAL_ARGS = {"beta": 10.0}                  # UNDIAL (open-unlearning UNDIAL.yaml)
 SATIMP_ARGS = {"beta1": 5.0, "beta2": 1.0}    # SatImp (open-unlearning SatImp.yaml)
+# PDU: the dual weight lambda on the retain constraint L_r <= retain_eps starts at dual_init and takes a
+# dual ascent step of size dual_step every step (open-unlearning PDU: eps 0.3 for TOFU, step 1)
+PDU_ARGS = {"dual_init": 1.0, "retain_eps": 0.3, "dual_step": 1.0}
 # RMU as WMDP's (BLUR App. C): layer 7 of a 32-layer 7B model with layers 5-7 trainable, c 6.5, alpha
 # 1200. rmu_layer None: layer 7 scaled to the model's depth (fit_to_model), rmu_layers None: l-2..l.
 RMU_ARGS = {"rmu_layer": None, "rmu_layers": None, "rmu_c": 6.5, "rmu_alpha": 1200.0}
@@ -114,6 +117,9 @@ _add(Method("satimp", (SATIMP,), (), defaults=dict(SATIMP_ARGS),
             source="SatImp: saturation x importance token reweighting (open-unlearning SatImp)"))
 _add(Method("satimp_gd", (SATIMP,), (CE,), defaults={**SATIMP_ARGS, "retain_weight": 0.1},
             source="SatImp + retain NLL, alpha 0.1 (open-unlearning SatImp)"), "satimp_rt")
+# the retain term's weight is the dual variable: dual_init at the first step, then combiner state
+_add(Method("pdu", (Term("pdu"),), (Term("ce", RETAIN, "dual_init"),), "pdu", dict(PDU_ARGS),
+            "PDU: primal-dual unlearning, logit-margin flattening s.t. retain NLL <= eps (open-unlearning PDU)"))
 
 # ---------------------------------------------------------------- multi-task combiners (NGDiff 2.2)
 _add(Method("gdiff", (GA,), (CE1,), "gdiff", {"c": 0.5}, "extended GDiff d = c g_r + (1-c) g_f (NGDiff eq. 3)"))
@@ -278,6 +284,8 @@ def combine(method: Method, args: dict, g_f, g_r, losses: dict, state: dict, gen
     lam = retain_weight(method, args, state)
     if c == "sum":
         return (geometry.add(g_f, g_r, alpha=lam) if g_r else g_f), {}
+    if c == "pdu":
+        return pdu_direction(args, g_f, g_r, losses["loss_r"], state, lam)
     if c != "gru" and g_r and not (isinstance(lam, (int, float)) and lam == 1.0):
         g_r = geometry.scale(g_r, lam)   # combiners read the weighted retain gradient and loss
         losses = {**losses, "loss_r": losses["loss_r"] * lam}
@@ -306,7 +314,19 @@ def combine(method: Method, args: dict, g_f, g_r, losses: dict, state: dict, gen
         # g_u = g_f + w g_r is our own temporary: rectify it in place (one gradient-size list fewer)
         rectify = geometry.gru_rectify_ if args["retain_in_update"] else geometry.gru_rectify
         return rectify(g_u, reference, tau=args["tau"], group=group)
-    raise ValueError(f"unknown combiner {c!r}; valid: sum, {', '.join(sorted(geometry.COMBINERS))}")
+    raise ValueError(f"unknown combiner {c!r}; valid: sum, pdu, {', '.join(sorted(geometry.COMBINERS))}")
+
+
+def pdu_direction(args: dict, g_f, g_r, loss_r, state: dict, lam):
+    """Primal-dual unlearning (open-unlearning PDU): d = g_f + lambda g_r, lambda the dual weight on the
+    retain constraint L_r <= retain_eps (L_r the unweighted retain NLL of this step); then the dual ascent
+    lambda <- max(0, lambda + dual_step * (L_r - retain_eps)) into state["retain_weight"], the weight of
+    the next step (a 0-d tensor: no host sync). info: the lambda this d used, as `dual_retain_weight`."""
+    lam = torch.as_tensor(lam, dtype=torch.float32, device=loss_r.device)
+    d = geometry.add(g_f, g_r, alpha=lam)
+    violation = loss_r.detach().float() - args["retain_eps"]
+    state["retain_weight"] = (lam + args["dual_step"] * violation).clamp(min=0)
+    return d, {"dual_retain_weight": lam, "retain_violation": violation}
 
 
 def lam_gru(args: dict, state: dict | None):
@@ -319,6 +339,8 @@ def direction_coefficients(method: Method, args: dict, info: dict, state: dict |
     just returned (its `info`), or None where d is not such a combination of this step's g_f, g_r
     (PCGrad: coefficients not reported; GRU: the EMA reference). Lets geometry.alignment skip three
     passes over the gradients. `state`: the combiner state combine was given (a dynamic retain weight)."""
+    if method.combiner == "pdu":   # the lambda d used (state already holds the next step's)
+        return 1.0, info["dual_retain_weight"]
     ab = _weighted_coefficients(method, args, info)
     return None if ab is None else (ab[0], ab[1] * retain_weight(method, args, state))
 

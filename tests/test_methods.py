@@ -11,7 +11,7 @@ ISSUE_NAMES = [  # every method the engine issue names, spelled as the papers do
     "NGDiff", "NGDiff+AutoLR", "GRU-GA", "GRU-WGA", "GRU-NPO", "GRU-GD", "GRU-NPO+KL", "GRU-NPO+GD",
     "GRU-SimNPO+GD", "BLUR-NPO", "BLUR-GA", "BLUR-SimNPO", "BLUR-RMU", "RMU",
     # issue 16: open-unlearning's methods, their retain variants, GRU / BLUR over them
-    "UNDIAL", "UNDIAL+RT", "UNDIAL+GD", "CE-U", "CEU", "SatImp", "SatImp+RT", "GRU-UNDIAL", "GRU-UNDIAL+GD",
+    "UNDIAL", "UNDIAL+RT", "UNDIAL+GD", "CE-U", "CEU", "SatImp", "SatImp+RT", "PDU", "GRU-UNDIAL", "GRU-UNDIAL+GD",
     "GRU-CEU", "GRU-SatImp", "GRU-SatImp+GD", "BLUR-UNDIAL", "BLUR-CEU", "BLUR-SatImp",
 ]
 
@@ -150,3 +150,85 @@ def test_new_methods_pieces():
     df = list_methods().set_index("method")
     assert {"undial", "undial_gd", "ceu", "satimp", "satimp_gd"} <= set(df.index)
     assert all(df.loc[m, "source"] for m in ("undial", "ceu", "satimp"))
+
+
+def test_pdu_combiner_dual_ascent_by_hand():
+    """d = g_f + lambda_t g_r; lambda_{t+1} = max(0, lambda_t + eta (L_r - eps)) kept in the combiner state."""
+    method, args = get_method("pdu", dual_init=2.0, retain_eps=0.5, dual_step=0.1)
+    f = [torch.tensor([1.0, 0.0]), torch.tensor([[2.0]])]
+    r = [torch.tensor([0.5, -1.0]), torch.tensor([[1.0]])]
+    flat = lambda g: torch.cat([t.reshape(-1) for t in g])
+    state = {}
+    expected = [(torch.tensor(1.5), 2.0), (torch.tensor(0.1), 2.1), (torch.tensor(0.0), 2.06)]
+    for loss_r, lam in expected:
+        d, info = combine(method, args, f, r, {"loss_f": torch.tensor(1.0), "loss_r": loss_r}, state)
+        assert float(info["dual_retain_weight"]) == pytest.approx(lam)
+        assert torch.allclose(flat(d), flat(f) + lam * flat(r))
+        a, b = direction_coefficients(method, args, info, state)     # the lambda d used, not the next one
+        assert (float(a), float(b)) == pytest.approx((1.0, lam))
+    assert float(state["retain_weight"]) == pytest.approx(2.06 + 0.1 * (0.0 - 0.5))
+    big = get_method("pdu", dual_init=1.0, retain_eps=0.5, dual_step=10.0)
+    state = {}
+    combine(*big, f, r, {"loss_f": torch.tensor(1.0), "loss_r": torch.tensor(0.0)}, state)
+    assert float(state["retain_weight"]) == 0.0                        # projected onto lambda >= 0
+
+
+@pytest.fixture(scope="module")
+def small_bench():
+    from lab.data import tofu_subset
+    return tofu_subset(n_retain_authors=2, n_forget_authors=1)
+
+
+def test_pdu_dual_weight_in_the_trace_every_step_and_kept_across_loop_calls(small_bench):
+    """The dual weight is combiner state (LoopState.combiner_state): traced every step, diagnostics or
+    not, following the dual ascent on the traced retain loss; a loop continued with the same LoopState
+    goes on from the dual it reached (no reset to dual_init)."""
+    import pandas as pd
+
+    from lab.engine import LoopState, UnlearnConfig, unlearning_loop
+    from lab.models import load_model
+    model, tok = load_model("tiny", seed=0)
+    method, args = get_method("pdu", dual_init=1.0, retain_eps=5.0, dual_step=0.5)
+    cfg = UnlearnConfig(method="pdu", model="tiny", lr=1e-3, batch_size=4, max_steps=3, max_length=128,
+                        diagnostics=0, method_args={"dual_init": 1.0, "retain_eps": 5.0, "dual_step": 0.5})
+    state = LoopState()
+    unlearning_loop(model, tok, small_bench.forget, small_bench.retain, method, args, cfg, progress=False,
+                    state=state)
+    unlearning_loop(model, tok, small_bench.forget, small_bench.retain, method, args, cfg, progress=False,
+                    state=state)
+    trace = pd.DataFrame(state.trace)
+    assert len(trace) == 6 and trace["dual_retain_weight"].notna().all()
+    lam, loss_r = trace["dual_retain_weight"].to_numpy(), trace["loss_r"].to_numpy()
+    assert lam[0] == 1.0
+    for t in range(5):   # across the two calls too
+        assert lam[t + 1] == pytest.approx(max(0.0, lam[t] + 0.5 * (loss_r[t] - 5.0)), rel=1e-5)
+    assert float(state.combiner_state["retain_weight"]) == pytest.approx(
+        max(0.0, lam[5] + 0.5 * (loss_r[5] - 5.0)), rel=1e-5)
+
+
+# ---------------------------------------------------------------- end to end on the tiny preset
+E2E = ["undial_gd", "ceu", "satimp_gd", "pdu", "gru_undial", "blur_satimp", "npo_kl"]
+
+
+@pytest.mark.parametrize("name", E2E)
+def test_methods_run_end_to_end_and_the_config_records_their_options(name, prepared_tiny, tmp_path):
+    """issue 16's methods (and GRU / BLUR over them) from `unlearn` on the prepared tiny target; the
+    saved config has every option default (kl_form, simnpo_margin, pcgrad_form) though none was passed."""
+    from lab import runs
+    from lab.engine import unlearn
+    res = unlearn(method=name, model="tiny", benchmark="tofu_subset", max_steps=2, eval_limit=2, batch_size=4,
+                  max_length=128, eval_batch_size=8, runs_root=str(tmp_path), progress=False)
+    rec = runs.load_run(res.run_dir)
+    assert rec.status == "done" and len(res.trace) == 2
+    assert res.trace[["loss_f", "loss_r", "grad_norm_f", "grad_norm_r", "align_f", "align_r"]].notna().all().all()
+    assert "forget_rouge" in res.metrics
+    method, args = get_method(name)
+    saved = rec.config["method_args"]
+    assert saved == args
+    for option, _, default, _ in OPTIONS:
+        if option in args:
+            assert saved[option] == default
+    if name == "npo_kl":
+        assert saved["kl_form"] == "forward"
+    if name == "pdu":
+        assert res.trace["dual_retain_weight"].iloc[0] == args["dual_init"]

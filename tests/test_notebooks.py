@@ -76,3 +76,12 @@ def test_smoke_profile_executes(name, prepared_tiny, tmp_path):
     if name in claims.PAPERS and name != "00_quickstart":   # every paper notebook feeds the claims ledger
         ledger = claims.load(tmp_path / f"{name}-smoke.claims.json")
         assert ledger["claims"] and ledger["profile"] == "smoke" and ledger["notebook"] == name
+
+
+def test_gru_gpu_profile_sets_tau_per_base_as_gru_appendix_d():
+    """GRU App. D.1, TOFU with Phi-1.5: tau 0.001 by default and no gradient clipping for GD."""
+    values = report.profile_parameters("gru_rectification", "gpu")
+    assert values["model"] == "microsoft/phi-1_5"
+    tau = {b: values.get("gru_tau_per_base", {}).get(b, values["gru_tau"]) for b in values["bases"]}
+    assert tau.pop("gd") is None
+    assert set(tau.values()) == {0.001}
