@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lab import geometry as G
-from lab.methods import (METHODS, combine, direction_coefficients, get_method, list_methods,
+from lab.methods import (METHODS, combine, direction_coefficients, fit_to_model, get_method, list_methods,
                          normalise_name)
 
 ISSUE_NAMES = [  # every method the engine issue names, spelled as the papers do
@@ -207,7 +207,7 @@ def test_pdu_dual_weight_in_the_trace_every_step_and_kept_across_loop_calls(smal
 
 
 # ---------------------------------------------------------------- end to end on the tiny preset
-E2E = ["undial_gd", "ceu", "satimp_gd", "pdu", "gru_undial", "blur_satimp", "npo_kl"]
+E2E = ["undial_gd", "ceu", "satimp_gd", "pdu", "gru_undial", "blur_satimp", "npo_kl", "rmu"]
 
 
 @pytest.mark.parametrize("name", E2E)
@@ -224,7 +224,9 @@ def test_methods_run_end_to_end_and_the_config_records_their_options(name, prepa
     assert "forget_rouge" in res.metrics
     method, args = get_method(name)
     saved = rec.config["method_args"]
-    assert saved == args
+    assert saved == fit_to_model(method, args, res.model)       # RMU: the layers used, not None
+    if name == "rmu":
+        assert (saved["rmu_layer"], saved["rmu_layers"]) == (2, [0, 1, 2])   # 4-layer tiny preset
     for option, _, default, _ in OPTIONS:
         if option in args:
             assert saved[option] == default
@@ -232,3 +234,31 @@ def test_methods_run_end_to_end_and_the_config_records_their_options(name, prepa
         assert saved["kl_form"] == "forward"
     if name == "pdu":
         assert res.trace["dual_retain_weight"].iloc[0] == args["dual_init"]
+
+
+@pytest.mark.slow
+def test_pdu_dual_weight_on_resume_of_a_continual_run(prepared_tiny, tmp_path, monkeypatch):
+    """Continual runs resume after their last finished task, and every task starts a fresh LoopState
+    (combiner state: GRU's EMA, PDU's dual weight, from dual_init): a run resumed after a crash in task 1
+    traces the same dual_retain_weight at every step as the uninterrupted run."""
+    from lab import continual as C
+    from lab import runs
+    kw = dict(method="pdu", protocol="sequential", lr=1e-3, n_tasks=2, task_unit="rows", epochs=1, batch_size=8,
+              max_length=128, eval_limit=2, eval_max_new_tokens=16, eval_batch_size=8, progress=False)
+    full = C.continual(runs_root=tmp_path / "a", **kw)
+    real = C.unlearning_loop
+
+    def crash_in_task_1(*args, **k):
+        if k.get("task") == 1:
+            raise RuntimeError("simulated crash")
+        return real(*args, **k)
+    monkeypatch.setattr(C, "unlearning_loop", crash_in_task_1)
+    with pytest.raises(runs.RunStopped, match="simulated crash"):
+        C.continual(runs_root=tmp_path / "b", **kw)
+    monkeypatch.setattr(C, "unlearning_loop", real)
+    resumed = C.continual(resume=runs.find_runs(tmp_path / "b")[0], progress=False)
+    a, b = runs.load_run(full.run_dir).trace, runs.load_run(resumed.run_dir).trace
+    assert len(a) == len(b) > 2 and a["dual_retain_weight"].notna().all()
+    assert list(b["dual_retain_weight"]) == pytest.approx(list(a["dual_retain_weight"]), rel=1e-6)
+    assert (a.groupby("task")["dual_retain_weight"].first() == 1.0).all()
+    assert a["dual_retain_weight"].nunique() > 1          # the dual moved within a task
