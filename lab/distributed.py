@@ -1,12 +1,42 @@
 """Distribution, all in one place (METHODS §9): process groups from the launcher's environment, the
 sampling split, wrapping for DDP / FSDP2, gathers and rank-0 writes.
 
+    torchrun --nproc_per_node 2 -m lab unlearn --parallel fsdp --method gru_npo_gd ...
+    accelerate launch --num_processes 2 -m lab unlearn --parallel ddp ...   (sets the same environment)
+
 The engine, geometry, ALKN and eval see a process `group` (None in one process) and LOCAL tensors
 (`local`: a DTensor's shard, any other tensor itself), nothing more.
+
+Modes
+  none  one process (the default; no launcher needed).
+  ddp   replicated weights. The engine all-reduces each ACCUMULATED gradient list (g_f, then g_r) once
+        per step: the traffic of torch DDP under no_sync over micro-batches, without its wrapper,
+        which would all-reduce inside every backward and knows only one gradient.
+  fsdp  torch FSDP2 `fully_shard` per decoder layer + the root (embeddings, norm, head); gradients
+        are reduce-scattered as SUMS (divide factor 1: the losses are already normalised by the
+        global units of the step) and stay shards. Every dot/norm of the geometry is the sum of local
+        partial sums, all-reduced (lab.geometry's group=). On CUDA: MixedPrecisionPolicy(bf16 params,
+        fp32 reduce) when autocast is bfloat16.
+
+Sampling: every rank draws the same global batch from the seed and keeps rows rank::world of each
+micro-batch (`shard_rows`), so no two ranks see the same row and the same seed + global batch give
+the same rows at any world size.
+
+Evaluation (`evaluate`): under FSDP on an unsharded copy of the model (no collective runs inside the
+evaluation then, whatever each rank's rows need); TOFU rows are split across ranks and the per-row frames gathered on rank 0, which
+computes the metrics from all rows; other suites run on rank 0 alone. Run files are written by rank 0
+only (`is_writer`); a failing rank stops every rank with its message (`run_all_or_none`).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import traceback
+
 import torch
+import torch.distributed as dist
+
+MODES = ("none", "ddp", "fsdp")
 
 
 def local(t):
@@ -17,3 +47,254 @@ def local(t):
 
 def local_list(params):
     return [local(p) for p in params]
+
+
+@dataclasses.dataclass
+class Parallel:
+    """How this process takes part: mode, the process group (None: one process), rank, world size,
+    local rank and the device the launcher gives it."""
+    mode: str = "none"
+    group: object = None
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Started by torchrun / accelerate launch (the torch.distributed environment is set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(mode: str = "none", device: str = "cpu") -> Parallel:
+    """The Parallel for `mode`: joins the launcher's process group (nccl on CUDA, gloo on CPU; device
+    cuda:LOCAL_RANK on a GPU machine). mode "none" under a launcher with several ranks is refused (every
+    rank would run the whole job and write its own run)."""
+    if mode not in MODES:
+        raise ValueError(f"--parallel {mode!r}; valid: {', '.join(MODES)}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "none":
+        if launched() and world > 1:
+            raise ValueError(f"started by a launcher with WORLD_SIZE={world} but --parallel none: "
+                             "pass --parallel ddp or --parallel fsdp")
+        return Parallel(device=device)
+    if not launched() and not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")         # a one-process "launch": world size 1, same code path
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        device, backend = f"cuda:{local_rank}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    group = dist.group.WORLD
+    return Parallel(mode, group, dist.get_rank(group), dist.get_world_size(group), local_rank, device)
+
+
+def from_group(group, mode="ddp") -> Parallel:
+    """A Parallel for an already initialised process group (tests, notebooks)."""
+    if group is None:
+        return Parallel()
+    return Parallel(mode, group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def teardown(par: Parallel | None):
+    if par is not None and par.group is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the sampling split
+def shard_rows(batch: dict, rank: int, world: int) -> dict:
+    """Rows rank::world of an encoded batch (nested dicts too): the union over ranks is the batch."""
+    if world == 1:
+        return batch
+    return {k: (shard_rows(v, rank, world) if isinstance(v, dict) else v[rank::world]) for k, v in batch.items()}
+
+
+def check_split(n_rows: int, world: int, what: str):
+    if world > 1 and n_rows < world:
+        raise ValueError(f"{what}: {n_rows} rows cannot be split across {world} ranks (every rank needs "
+                         f"at least one row of every micro-batch): raise micro_batch_size / batch_size to "
+                         f">= {world} or use fewer processes")
+
+
+# ---------------------------------------------------------------- wrapping
+def decoder_layers(model):
+    """The decoder layers of a Hugging Face causal LM (Llama-style model.model.layers, GPT-2 style
+    transformer.h), the units FSDP2 shards one by one."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ValueError(f"--parallel fsdp: no decoder layers found in {type(model).__name__} "
+                     "(looked for model.layers, model.decoder.layers, transformer.h, gpt_neox.layers)")
+
+
+def wrap(model, par: Parallel | None, *, autocast=None):
+    """Prepare `model` in place for `par`: FSDP2 fully_shard per decoder layer and the root (gradient
+    sums, bf16 mixed precision on CUDA when autocast is bfloat16); ddp and none leave it as is.
+    Idempotent (a model already sharded is returned unchanged)."""
+    if par is None or par.mode != "fsdp":
+        return model
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    if isinstance(model, FSDPModule):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(torch.device(par.device).type, (par.world,))
+    kw = {"mesh": mesh}
+    if torch.device(par.device).type == "cuda" and autocast == "bfloat16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    # the root too reshards after forward (FSDP2 keeps it gathered by default): a forward-only pass
+    # (AutoLR's probes) followed by an in-place edit of the shards must not reuse stale full weights
+    fully_shard(model, reshard_after_forward=True, **kw)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)   # sums: the engine normalises by the step's global units
+            m.set_force_sum_reduction_for_comms(True)   # plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def plain_copy(model, par: Parallel | None):
+    """Under fsdp: an unsharded copy of the model (same class and config, the full weights) on every
+    rank, for evaluation: its forwards and backwards (GradNorm MIA) issue no collective, so ranks may
+    run different numbers of them. A collective (every rank must call it). Other modes: the model."""
+    if par is None or par.mode != "fsdp":
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    copy = AutoModelForCausalLM.from_config(model.config, torch_dtype=next(iter(state.values())).dtype)
+    copy.load_state_dict(state)
+    copy.generation_config = model.generation_config
+    return copy.to(par.device).eval()
+
+
+# ---------------------------------------------------------------- gathers, rank-0 writes, failures
+def all_gather_objects(obj, par: Parallel):
+    out = [None] * par.world
+    dist.all_gather_object(out, obj, group=par.group)
+    return out
+
+
+def barrier(par: Parallel | None):
+    if par is not None and par.group is not None:
+        dist.barrier(group=par.group)
+
+
+class RankFailed(RuntimeError):
+    pass
+
+
+def run_all_or_none(fn, par: Parallel | None):
+    """fn() on every rank; if any rank raises, every rank raises: the failing rank its own exception,
+    the others RankFailed with the failing rank's message (no rank waits forever in a collective the
+    failed one never reaches, as long as the ranks meet here). Returns fn()'s value."""
+    if par is None or par.group is None:
+        return fn()
+    err, value = None, None
+    try:
+        value = fn()
+    except Exception as e:   # noqa: BLE001 - re-raised below, on this rank and (as a message) on the others
+        err = e
+        msg = f"rank {par.rank}: {type(e).__name__}: {e}"
+    errors = all_gather_objects(None if err is None else msg, par)
+    if err is not None:
+        raise err
+    failed = [m for m in errors if m]
+    if failed:
+        raise RankFailed(failed[0])
+    return value
+
+
+def full_state_dict(model, par: Parallel | None):
+    """The full (unsharded) state dict on CPU, for save_pretrained on rank 0 (a collective under fsdp:
+    every rank must call it)."""
+    if par is None or par.mode != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_pretrained(model, tokenizer, path, par: Parallel | None):
+    """Write the model (full weights) and tokenizer to `path` from rank 0; every rank must call it."""
+    state = full_state_dict(model, par)
+    if par is None or par.is_writer:
+        kwargs = {"state_dict": state} if state is not None else {}
+        model.save_pretrained(path, **kwargs)
+        tokenizer.save_pretrained(path)
+    barrier(par)
+
+
+# ---------------------------------------------------------------- evaluation under a launcher
+def evaluate(model, tokenizer, benchmark, par: Parallel | None, *, limit=None, **kwargs) -> dict | None:
+    """lab.eval.evaluate under `par`: the same result on rank 0 as one process (None on the other
+    ranks). TOFU: each rank scores rows rank::world of every evaluated set (the first `limit` rows),
+    the per-row frames are gathered on rank 0 in the single-process order and the metrics computed
+    from all of them; other suites run on rank 0 alone. Progress bars on rank 0 only."""
+    from lab import eval as lab_eval
+    if par is None or par.group is None:
+        return lab_eval.evaluate(model, tokenizer, benchmark, limit=limit, **kwargs)
+    if not par.is_writer:
+        kwargs["progress"] = False
+    model = plain_copy(model, par)
+    if not benchmark.name.startswith("tofu"):
+        out = run_all_or_none(lambda: lab_eval.evaluate(model, tokenizer, benchmark, limit=limit, **kwargs)
+                              if par.is_writer else None, par)
+        return out
+    part = _rank_part(benchmark, limit, par.rank, par.world)
+    res = run_all_or_none(lambda: lab_eval.evaluate(model, tokenizer, part, **kwargs), par)
+    frames = all_gather_objects(res["rows"], par)
+    if not par.is_writer:
+        return None
+    import pandas as pd
+    sets = list(dict.fromkeys(frames[0]["set"]))
+    rows = pd.concat(frames, ignore_index=True)
+    rows["_set"] = rows["set"].map({s: i for i, s in enumerate(sets)})
+    rows = rows.sort_values(["_set", "row"], kind="stable").drop(columns="_set").reset_index(drop=True)
+    # the metrics from ALL rows, under the options the evaluation recorded (as lab.eval.restrict_eval)
+    recorded = dict(res.get("options") or {})
+    opts = lab_eval._eval_options({"mia_k": recorded.pop("mia_k", kwargs.get("mia_k", 0.4))},
+                                  **{k: v for k, v in recorded.items() if k != "score_eos"})
+    return {**res, "metrics": lab_eval._tofu_metrics(rows, kwargs.get("reference"), opts), "rows": rows}
+
+
+def _rank_part(benchmark, limit, rank, world):
+    """The benchmark with every eval set cut to this rank's rows (rank::world of the first `limit`),
+    each keeping its global row index in a `row` column."""
+    sets = {}
+    for name, ds in benchmark.eval_sets.items():
+        n = len(ds) if limit is None else min(limit, len(ds))
+        if "row" not in ds.column_names:
+            ds = ds.add_column("row", list(range(len(ds))))
+        sets[name] = ds.select(range(rank, n, world))
+    return dataclasses.replace(benchmark, eval_sets=sets)
+
+
+def format_exception(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()

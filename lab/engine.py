@@ -131,11 +131,7 @@ def _to(batch, device):
     return {k: (_to(v, device) if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
 
 
-def _shard(batch, rank, world):
-    """Rows rank::world of a batch (data parallel: the union over ranks is the whole micro-batch)."""
-    if world == 1:
-        return batch
-    return {k: (_shard(v, rank, world) if isinstance(v, dict) else v[rank::world]) for k, v in batch.items()}
+_shard = distributed.shard_rows   # rows rank::world of a batch (the name older callers use)
 
 
 class Sampler:
@@ -376,14 +372,17 @@ def trainable_parameters(model, method: Method, args) -> list[torch.nn.Parameter
 def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict, cfg: UnlearnConfig, *,
                     run=None, task=None, idk_answers=None, evaluate_fn=None, group=None,
                     progress=True, state: LoopState | None = None, hooks: StepHooks | None = None,
-                    context: ObjectiveContext | None = None) -> LoopState:
+                    context: ObjectiveContext | None = None, parallel=None) -> LoopState:
     """Run cfg.epochs passes over `forget` (or cfg.max_steps steps) with `method`. Writes trace rows
-    to `run` (if given) and calls evaluate_fn(step, epoch) every cfg.eval_every steps."""
+    to `run` (if given) and calls evaluate_fn(step, epoch) every cfg.eval_every steps.
+    parallel: a lab.distributed.Parallel (ddp / fsdp under a launcher; the model is sharded here under
+    fsdp, after the objective context has its theta_0 copy); group: shorthand for ddp over a group."""
     if len(forget) == 0:
         raise ValueError("empty forget set: nothing to unlearn")
     if method.retain and len(retain) == 0:
         raise ValueError(f"method {method.name!r} needs retain data but the retain set is empty")
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    par = parallel if parallel is not None else distributed.from_group(group)
+    group, rank, world = par.group, par.rank, par.world
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     state = state or LoopState()
@@ -391,6 +390,11 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
     args = fit_to_model(method, args, model)     # model-dependent defaults (RMU's layer)
     params = trainable_parameters(model, method, args)
     ctx = context or make_context(model, method, args, forget, tokenizer, cfg, idk_answers)
+    if par.sharded:
+        distributed.wrap(model, par, autocast=cfg.autocast)
+        if getattr(ctx, "ref_model", None) is not None:
+            distributed.wrap(ctx.ref_model, par, autocast=cfg.autocast)
+        params = trainable_parameters(model, method, args)   # now the DTensor shards
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None])
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(distributed.local_list(params), lr=lr, betas=cfg.betas,
@@ -426,14 +430,18 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
                 f_rows = forget_rows[i:i + mb]
                 r_rows = retain_rows[i * len(retain_rows) // len(forget_rows):
                                      (i + mb) * len(retain_rows) // len(forget_rows)] if retain_rows else []
+                distributed.check_split(len(f_rows), world, f"step {state.step}: a forget micro-batch")
+                if retain_rows:
+                    distributed.check_split(len(r_rows), world, f"step {state.step}: a retain micro-batch")
                 item = {"forget": encode_rows(tokenizer, forget, f_rows, max_length=cfg.max_length,
                                               idk_answers=idk_answers if need_idk else None)}
                 if r_rows:
                     item["retain"] = encode_rows(tokenizer, retain, r_rows, max_length=cfg.max_length)
-                micro.append(_to(_shard(item, rank, world), device))
+                micro.append(_to(distributed.shard_rows(item, rank, world), device))
             lr_now = base_lr * lr_factor(step_in_run)
             row = _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr_now,
-                        rlw_gen=rlw_gen, group=group, hooks=hooks, autolr_due=method.autolr and
+                        rlw_gen=rlw_gen, group=group, sharded=par.sharded, hooks=hooks,
+                        autolr_due=method.autolr and
                         step_in_run % args.get("autolr_every", 10) == 0)
             if "autolr_lr" in row:   # the probed lr is this step's; the schedule shapes the steps after it
                 base_lr = row["autolr_lr"] / lr_factor(step_in_run)

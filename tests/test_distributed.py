@@ -1,0 +1,170 @@
+"""lab.distributed on CPU (gloo): world-size invariance of the one engine under ddp and fsdp (FSDP2
+shards), the sampling split, distributed evaluation == one process, a failing rank stops all."""
+import os
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lab import distributed
+from lab.engine import UnlearnConfig, unlearning_loop
+from lab.methods import get_method
+
+METHODS = ["npo_gd", "blur_npo", "gru_npo_gd", "ngdiff_autolr"]
+# SGD: Adam's first steps are ~lr*sign(g), which turns rounding-level gradient differences (another
+# summation order across ranks) into 2*lr jumps of near-zero coordinates
+BASE = dict(model="tiny", optimizer="sgd", lr=0.05, batch_size=4, max_steps=2, max_length=64,
+            eval_batch_size=8)
+ARGS = {"ngdiff_autolr": {"autolr_every": 1}}
+TRACE = ["loss_f", "loss_r", "grad_norm_f", "grad_norm_r", "cos_fr", "align_f", "align_r", "norm_d",
+         "cos_update_f", "cos_update_r", "lr"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_BENCH = []
+
+
+def _bench():
+    from lab.data import tofu_subset
+    if not _BENCH:
+        _BENCH.append(tofu_subset(n_retain_authors=2, n_forget_authors=1))
+    return _BENCH[0]
+
+
+def _loop(method, par, **kw):
+    from lab.models import load_model
+    model, tok = load_model("tiny", seed=0)
+    bench = _bench()
+    m, args = get_method(method, **ARGS.get(method, {}))
+    cfg = UnlearnConfig(method=method, method_args=ARGS.get(method, {}), **{**BASE, **kw})
+    state = unlearning_loop(model, tok, bench.forget, bench.retain, m, args, cfg, progress=False, parallel=par)
+    full = distributed.full_state_dict(model, par)
+    weights = {k: v.detach().clone() for k, v in (full if full is not None else model.state_dict()).items()}
+    return pd.DataFrame(state.trace), weights
+
+
+def _worker(rank, world, port, out, mode, methods, kw, job):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    par = distributed.setup(mode)
+    try:
+        results = {}
+        if job == "loop":
+            for method in methods:
+                results[method] = _loop(method, par, **kw)
+        elif job == "eval":
+            results = _eval(par, mode)
+        elif job == "fail":
+            results = distributed.run_all_or_none(lambda: _fail_on(rank, 1), par)
+        if rank == 0:
+            torch.save(results, out)
+    except distributed.RankFailed as e:
+        torch.save({"rank_failed": str(e)}, f"{out}.{rank}")
+    except ValueError as e:
+        torch.save({"own": str(e)}, f"{out}.{rank}")
+    finally:
+        distributed.teardown(par)
+
+
+def _spawn(world, mode, tmp_path, job="loop", methods=(), **kw):
+    import torch.multiprocessing as mp
+    out = str(tmp_path / f"{job}-{mode}-{world}.pt")
+    mp.spawn(_worker, args=(world, _free_port(), out, mode, list(methods), kw, job), nprocs=world, join=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single():
+    """World size 1, no process group, one micro-batch per step: the reference."""
+    torch.manual_seed(0)
+    return {m: _loop(m, None) for m in METHODS}
+
+
+def _compare(ref, got, what):
+    (t1, w1), (t2, w2) = ref, got
+    assert list(t2["step"]) == list(t1["step"])
+    for col in TRACE:
+        if col in t1 and t1[col].notna().any():
+            np.testing.assert_allclose(t2[col], t1[col], rtol=1e-3, atol=1e-4, err_msg=f"{what}: {col}")
+    moved = sum(float((w1[k] - w0).norm() ** 2) for k, w0 in _start().items()) ** 0.5
+    diff = sum(float((w1[k] - w2[k]).norm() ** 2) for k in w1) ** 0.5
+    assert moved > 1e-2 and diff < 5e-5 * moved, (what, diff, moved)
+    return diff / moved
+
+
+def _start():
+    from lab.models import load_model
+    return {k: v.detach().clone() for k, v in load_model("tiny", seed=0)[0].state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_world_size_two_matches_one_process(mode, single, tmp_path):
+    # micro-batches of 2 rows: one row per rank per micro-batch (the reference: one micro-batch of 4)
+    out = torch.load(_spawn(2, mode, tmp_path, methods=METHODS, micro_batch_size=2), weights_only=False)
+    for m in METHODS:
+        _compare(single[m], out[m], f"{mode} x2 {m}")
+
+
+@pytest.mark.slow
+def test_world_size_four_fsdp_matches_one_process(single, tmp_path):
+    out = torch.load(_spawn(4, "fsdp", tmp_path, methods=["gru_npo_gd"]), weights_only=False)
+    _compare(single["gru_npo_gd"], out["gru_npo_gd"], "fsdp x4 gru_npo_gd")
+
+
+def test_sampling_split_is_disjoint_and_covers_the_batch():
+    batch = {"input_ids": torch.arange(10).reshape(5, 2), "index": torch.arange(5),
+             "idk": {"input_ids": torch.arange(5)}}
+    parts = [distributed.shard_rows(batch, r, 2) for r in range(2)]
+    rows = sorted(int(i) for p in parts for i in p["index"])
+    assert rows == list(range(5)) and not set(parts[0]["index"].tolist()) & set(parts[1]["index"].tolist())
+    assert parts[1]["idk"]["input_ids"].tolist() == [1, 3]
+    with pytest.raises(ValueError, match="cannot be split across 4 ranks"):
+        distributed.check_split(3, 4, "a forget micro-batch")
+
+
+def _fail_on(rank, bad):
+    if rank == bad:
+        raise ValueError(f"rank {rank} broke")
+    return "ok"
+
+
+def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
+    out = _spawn(2, "ddp", tmp_path, job="fail")
+    assert torch.load(f"{out}.1")["own"] == "rank 1 broke"
+    assert "rank 1: ValueError: rank 1 broke" in torch.load(f"{out}.0")["rank_failed"]
+
+
+def _eval(par, mode):
+    from lab.models import load_model
+    model, tok = load_model("tiny", seed=0)
+    if mode == "fsdp":
+        distributed.wrap(model, par)
+    res = distributed.evaluate(model, tok, _bench(), par, limit=5, batch_size=4, max_new_tokens=8,
+                               progress=False)
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_distributed_evaluation_equals_one_process(mode, tmp_path):
+    from lab.eval import evaluate
+    from lab.models import load_model
+    model, tok = load_model("tiny", seed=0)
+    one = evaluate(model, tok, _bench(), limit=5, batch_size=4, max_new_tokens=8, progress=False)
+    two = torch.load(_spawn(2, mode, tmp_path, job="eval"), weights_only=False)
+    a, b = one["rows"], two["rows"]
+    assert list(a["set"]) == list(b["set"]) and list(a["row"]) == list(b["row"])
+    assert list(a["generation"].fillna("")) == list(b["generation"].fillna(""))
+    num = [c for c in a.columns if a[c].dtype.kind == "f"]
+    np.testing.assert_allclose(b[num].to_numpy(float), a[num].to_numpy(float), rtol=1e-4, atol=1e-6)
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), k
