@@ -138,8 +138,8 @@ def undial(model, batch, ctx):
     logits, labels, mask = _answer_logits(model, batch)
     with torch.no_grad():
         ref_logits = _forward(ctx.ref_model, batch).logits[:, :-1].float()
-        onehot = F.one_hot(labels, ref_logits.shape[-1]).to(ref_logits.dtype)
-        target = F.softmax(ref_logits - ctx.args.get("beta", 10.0) * onehot, -1)
+        y = labels[..., None]   # z_ref - beta * onehot(y), without a vocabulary-size one-hot tensor
+        target = F.softmax(ref_logits.scatter(-1, y, ref_logits.gather(-1, y) - ctx.args.get("beta", 10.0)), -1)
     return (_soft_cross_entropy(logits, target) * mask).sum()
 
 
