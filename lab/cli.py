@@ -5,6 +5,8 @@
     lab unlearn --method npo_gd --epochs 5               # unlearn the prepared target, evaluate, write a run
     lab methods                                          # every method: objectives, combiner, defaults
     lab continual --method alkn --n-tasks 3              # continual unlearning, evaluated after every task
+    lab unlearn --method ga --probes relearn,quant4      # + robustness probes on the final model
+    lab probe RUN --probes relearn                       # probes on a run saved with --save-model
     lab runs                                             # list run directories under ./runs
     lab runs show RUN                                    # one run: config, summary, evaluations
     lab report alkn_continual --profile demo             # execute a notebook into reports/*.ipynb + .html
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -27,14 +30,71 @@ def _kv(items) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"expected key=value, got {item!r}")
+            raise ValueError(f"expected key=value, got {item!r}")
         k, v = item.split("=", 1)
         out[k] = yaml.safe_load(v)
     return out
 
 
+def _int_at_least(lo: int):
+    """argparse type: an int >= lo, else the valid range (checked before any work starts)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int; valid: an int >= {lo}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; valid: an int >= {lo}")
+        return value
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; valid: a number > 0") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; valid: a number > 0")
+    return value
+
+
+# the same ranges for values from --config / --set (the flags check theirs in argparse)
+RANGES = {"epochs": 1, "max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "eval_limit": 1, "n_tasks": 1,
+          "retain_batch_size": 1, "eval_batch_size": 1, "diagnostics": 0, "eval_every": 0}
+
+
+def _check_ranges(cfg: dict) -> None:
+    for key, lo in RANGES.items():
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
+            raise ValueError(f"{key}={value!r}; valid: an int >= {lo}" + (" or null" if key in (
+                "max_steps", "micro_batch_size", "eval_limit", "n_tasks", "eval_every", "retain_batch_size") else ""))
+    if cfg.get("lr") is not None and not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] > 0):
+        raise ValueError(f"lr={cfg['lr']!r}; valid: a number > 0 or null (the model's default)")
+
+
+def _check_model(name) -> None:
+    """Fail here, in seconds, for a model name that cannot load - before prepare starts its workers."""
+    from lab.models import check_model
+    check_model(name or "tiny")
+
+
+def _run_path(run: str, root: str, what="run") -> str:
+    """A run given by path or by id (folder name under root)."""
+    from lab import runs
+    path = run if os.path.isdir(run) else os.path.join(root, run)
+    if not os.path.isdir(path):
+        known = [p.name for p in runs.find_runs(root)]
+        raise FileNotFoundError(f"no {what} {run!r} (neither a folder nor a run id under {root}/); "
+                                f"runs there: {', '.join(known[-10:]) or 'none'}")
+    return path
+
+
 def cmd_prepare(args) -> None:
     from lab.prepare import prepare
+    _check_model(args.model)
     prepare(model=args.model, benchmark=args.benchmark, benchmark_kwargs=_kv(args.bench_opt),
             seed=args.seed, runs_root=args.runs, force=args.force, device=args.device,
             parallel=False if args.serial else None, **_kv(args.set))
@@ -47,14 +107,16 @@ def cmd_eval(args) -> None:
     from lab.prepare import prepare
     reference = None
     if args.prepared:
+        _check_model(args.model)
         prepared = prepare(model=args.model, benchmark=args.benchmark, benchmark_kwargs=_kv(args.bench_opt),
-                           seed=args.seed, runs_root=args.runs, verbose=False)
+                           seed=args.seed, runs_root=args.runs, verbose=False, score_eos=args.score_eos)
         model, tok = prepared.load(args.prepared)
         bench, reference = prepared.benchmark, prepared.retain_eval
     else:
-        model, tok = load_model(args.model)
         bench = get_benchmark(args.benchmark, **_kv(args.bench_opt))
-    result = evaluate(model, tok, bench, reference=reference, limit=args.limit)
+        _check_model(args.model)
+        model, tok = load_model(args.model)
+    result = evaluate(model, tok, bench, reference=reference, limit=args.limit, score_eos=args.score_eos)
     print(json.dumps(result["metrics"], indent=2, sort_keys=True))
     if args.rows:
         result["rows"].to_csv(args.rows, index=False)
@@ -73,13 +135,10 @@ def cmd_runs(args) -> None:
             print(df.drop(columns=["path"]).to_string(index=False))
         return
     if not args.run:
-        raise SystemExit("lab runs show: name a run (see `lab runs`)")
-    path = args.run if os.path.isdir(args.run) else os.path.join(args.root, args.run)
-    if not os.path.isdir(path):
-        known = [p.name for p in runs.find_runs(args.root)]
-        raise SystemExit(f"no run {args.run!r} under {args.root}/; runs: {', '.join(known) or 'none'}")
-    rec = runs.load_run(path)
-    print(f"run {rec.run_id}  status={rec.status}")
+        raise ValueError("name a run: lab runs show RUN (see `lab runs`)")
+    rec = runs.load_run(_run_path(args.run, args.root))
+    note = rec.status_note if rec.status != "broken" else ""     # a broken run's errors follow as warnings
+    print(f"run {rec.run_id}  status={rec.status}" + (f"  ({note})" if note else ""))
     for e in rec.errors:
         print(f"  warning: {e}")
     print("config:", json.dumps(rec.config, indent=2, default=str))
@@ -101,8 +160,11 @@ def _config_from_args(args, config_class, flag_keys) -> dict:
     cfg = {}
     if args.config:
         import yaml
-        with open(args.config) as f:
-            cfg = yaml.safe_load(f) or {}
+        try:
+            with open(args.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {args.config}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"{args.config}: expected a mapping of {config_class.__name__} fields")
     cfg.update({key: getattr(args, key) for key in flag_keys if getattr(args, key) is not None})
@@ -111,6 +173,8 @@ def _config_from_args(args, config_class, flag_keys) -> dict:
         cfg["benchmark_kwargs"] = {**cfg.get("benchmark_kwargs", {}), **_kv(args.bench_opt)}
     if args.arg:
         cfg["method_args"] = {**cfg.get("method_args", {}), **_kv(args.arg)}
+    if getattr(args, "probe_opt", None):
+        cfg["probe_options"] = {**cfg.get("probe_options", {}), **_kv(args.probe_opt)}
     cfg.update(_kv(args.set))
     fields = {f.name for f in dataclasses.fields(config_class)}
     unknown = set(cfg) - fields
@@ -123,24 +187,67 @@ def cmd_unlearn(args) -> None:
     from lab.engine import UnlearnConfig, unlearn
     cfg = _config_from_args(args, UnlearnConfig, (
         "method", "model", "benchmark", "seed", "lr", "epochs", "max_steps", "batch_size",
-        "micro_batch_size", "eval_every", "eval_limit", "diagnostics"))
-    result = unlearn(cfg)
+        "micro_batch_size", "eval_every", "eval_limit", "diagnostics", "probes", "save_model", "parallel"))
+    _check_ranges(cfg)
+    _check_model(cfg.get("model"))
+    from lab import runs
+    with runs.experiment(args.tag):   # config.yaml `experiment` (the dashboard's experiment picker)
+        result = unlearn(cfg)
+    if result.run_dir is None:   # a rank other than 0 under a launcher: rank 0 reports
+        return
     print(f"run: {result.run_dir}")
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
 
 
 def cmd_continual(args) -> None:
-    from lab.continual import ContinualConfig, continual
     if args.resume:
-        result = continual(resume=args.resume)
+        changing = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                    if k not in RESUME_KEEPS and v not in (None, False, [])]
+        if changing:
+            raise ValueError(f"--resume continues the run with its own config.yaml; drop {', '.join(changing)} "
+                             "(they would change the run)")
+        path = _run_path(args.resume, args.runs, "continual run")
+        from lab.continual import continual
+        result = continual(resume=path)
     else:
-        result = continual(_config_from_args(args, ContinualConfig, (
+        from lab.continual import ContinualConfig, continual
+        cfg = _config_from_args(args, ContinualConfig, (
             "method", "protocol", "model", "benchmark", "seed", "lr", "lr_decay", "epochs", "max_steps",
-            "batch_size", "n_tasks", "task_unit", "eval_limit")))
+            "batch_size", "n_tasks", "task_unit", "eval_limit", "probes", "save_model"))
+        _check_ranges(cfg)
+        _check_model(cfg.get("model"))
+        from lab import runs
+        with runs.experiment(args.tag):
+            result = continual(cfg)
     import pandas as pd
     print(f"run: {result.run_dir}")
     with pd.option_context("display.width", 250, "display.max_columns", 60):
         print(result.table.to_string(float_format=lambda x: f"{x:.4g}"))
+
+
+def cmd_probe(args) -> None:
+    import pandas as pd
+    from lab import probes, runs
+    path = _run_path(args.run, args.root)
+    out = probes.probe_run(path, args.probes, _kv(args.probe_opt), device=args.device)
+    from lab.runs_views import robustness_table
+    table = robustness_table([runs.load_run(path)])
+    table = table[table["probe"].isin(list(out))]
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(table.drop(columns=["run_id", "kind", "protocol"]).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+
+
+def _probe_list(text: str) -> list:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+PROBES_HELP = ("robustness probes on the final model, comma-separated: relearn,quant8,quant4,paraphrase,fewshot "
+               "(METHODS §8; one eval record each, checkpoint probe:<name>)")
+PROBE_OPT_HELP = ("probe options, e.g. relearn_steps=20 relearn_fraction=0.2 relearn_data=paraphrased "
+                  "relearn_lr=1e-3 quant_group_size=64 fewshot_k=5 (lab.probes.DEFAULTS)")
+
+
+RESUME_KEEPS = {"resume", "runs", "func", "command", "data", "debug"}   # continual flags that --resume accepts
 
 
 def cmd_methods(args) -> None:
@@ -209,6 +316,29 @@ def cmd_demo(args) -> None:
     serve_dashboard(args.runs, args.port)
 
 
+def _defaults_help(show: bool) -> dict:
+    """' (default: ...)' help suffixes read from the config classes, keyed 'unlearn.<field>' /
+    'continual.<field>' and 'lr'. Only built for --help: importing lab.engine loads torch."""
+    import collections
+    out = collections.defaultdict(str)
+    if not show:
+        return out
+    import dataclasses
+    from lab.continual import ContinualConfig
+    from lab.engine import DEFAULT_LR
+    from lab.engine import UnlearnConfig
+    lrs = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items() if k)
+    out["lr"] = f" (default: per model: {lrs}, other models {DEFAULT_LR[None]:g})"
+    for prefix, cls in (("unlearn", UnlearnConfig), ("continual", ContinualConfig)):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f"{prefix}.{f.name}"] = f" (default: {f.default})"
+    return out
+
+
+TAG_HELP = "experiment tag recorded in config.yaml (`experiment`); the dashboard picks runs by it"
+
+
 def cmd_notebook(args) -> None:
     from lab.report import serve_notebooks
     code = serve_notebooks(args.port, args.token, open_browser=not args.no_browser)
@@ -216,9 +346,13 @@ def cmd_notebook(args) -> None:
         raise SystemExit(code)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; show_defaults puts the config classes' defaults into the help texts."""
+    D = _defaults_help(show_defaults)
     p = argparse.ArgumentParser(prog="lab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback (accepted anywhere on the command line)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp, runs=True):
@@ -245,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prepared", choices=["target", "retain"],
                     help="evaluate the prepared target/retain model of --model/--benchmark "
                          "(gives forget quality and PrivLeak against the retain model)")
-    sp.add_argument("--limit", type=int, help="at most this many rows per evaluation set")
+    sp.add_argument("--limit", type=_int_at_least(1), help="at most this many rows per evaluation set")
+    sp.add_argument("--no-score-eos", dest="score_eos", action="store_false",
+                    help="score answers without their EOS token (default: with, as TOFU / open-unlearning)")
     sp.add_argument("--rows", metavar="CSV", help="write per-row outputs to this CSV file")
     sp.set_defaults(func=cmd_eval)
 
@@ -254,23 +390,34 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--method (see `lab methods`), evaluating at the end (and every "
                                     "--eval-every steps). Options come from --config YAML (UnlearnConfig "
                                     "fields), then the flags, then --set K=V.")
-    sp.add_argument("--method", help="method name, e.g. ga_rt, npo_kl, ngdiff_autolr, gru_npo_gd, blur_npo")
+    sp.add_argument("--method", help="method name, e.g. ga_rt, npo_kl, ngdiff_autolr, gru_npo_gd, blur_npo"
+                                     + D["unlearn.method"])
     sp.add_argument("--model", help="preset (tiny, smollm2-135m), local path or hub name (default tiny)")
     sp.add_argument("--benchmark", help="tofu_subset (default), tofu_forget01|05|10, muse_news")
     sp.add_argument("--bench-opt", nargs="*", metavar="K=V")
-    sp.add_argument("--seed", type=int)
+    sp.add_argument("--seed", type=int, help="random seed" + D["unlearn.seed"])
     sp.add_argument("--runs", default="runs")
     sp.add_argument("--config", help="YAML file of UnlearnConfig fields")
-    sp.add_argument("--lr", type=float)
-    sp.add_argument("--epochs", type=int)
-    sp.add_argument("--max-steps", type=int)
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--micro-batch-size", type=int, help="gradient accumulation micro-batch")
-    sp.add_argument("--eval-every", type=int, help="evaluate every k steps (default: at the end)")
-    sp.add_argument("--eval-limit", type=int, help="rows per eval set")
-    sp.add_argument("--diagnostics", type=int, help="trace geometry every k steps (0 = off)")
+    sp.add_argument("--lr", type=_positive_float, help="learning rate" + D["lr"])
+    sp.add_argument("--epochs", type=_int_at_least(1), help="passes over the forget set" + D["unlearn.epochs"])
+    sp.add_argument("--max-steps", type=_int_at_least(1), help="stop after this many steps (default: epochs)")
+    sp.add_argument("--batch-size", type=_int_at_least(1), help="forget rows per step" + D["unlearn.batch_size"])
+    sp.add_argument("--micro-batch-size", type=_int_at_least(1),
+                    help="gradient accumulation micro-batch, divides --batch-size (default: the batch)")
+    sp.add_argument("--eval-every", type=_int_at_least(0), help="evaluate every k steps (default or 0: at the end)")
+    sp.add_argument("--eval-limit", type=_int_at_least(1), help="rows per eval set (default: all)")
+    sp.add_argument("--diagnostics", type=_int_at_least(0),
+                    help="trace geometry every k steps, 0 = off" + D["unlearn.diagnostics"])
     sp.add_argument("--arg", nargs="*", metavar="K=V", help="method hyper-parameters, e.g. beta=0.1 gamma=0.8")
+    sp.add_argument("--probes", type=_probe_list, help=PROBES_HELP)
+    sp.add_argument("--probe-opt", nargs="*", metavar="K=V", help=PROBE_OPT_HELP)
+    sp.add_argument("--save-model", action="store_true", default=None,
+                    help="write the final weights to <run>/model (for `lab probe RUN` later)")
     sp.add_argument("--set", nargs="*", metavar="K=V", help="any other UnlearnConfig field")
+    sp.add_argument("--tag", help=TAG_HELP)
+    sp.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
+                    help="under torchrun / accelerate launch: ddp (replicated weights) or fsdp (FSDP2 shards); "
+                         "default none = one process (README 'Scaling out')")
     sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("continual", help="continual unlearning: a sequence of forget tasks, evaluated after each",
@@ -286,26 +433,48 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="preset (tiny, smollm2-135m), local path or hub name (default tiny)")
     sp.add_argument("--benchmark", help="tofu_subset (default), tofu_forget10 (5 tasks of 4 authors), muse_news")
     sp.add_argument("--bench-opt", nargs="*", metavar="K=V", help="e.g. n_forget_authors=5")
-    sp.add_argument("--n-tasks", type=int)
+    sp.add_argument("--n-tasks", type=_int_at_least(1))
     sp.add_argument("--task-unit", choices=["author", "rows"])
-    sp.add_argument("--seed", type=int)
+    sp.add_argument("--seed", type=int, help="random seed" + D["unlearn.seed"])
     sp.add_argument("--runs", default="runs")
     sp.add_argument("--config", help="YAML file of ContinualConfig fields")
-    sp.add_argument("--lr", type=float)
+    sp.add_argument("--lr", type=_positive_float, help="learning rate of the first task" + D["lr"])
     sp.add_argument("--lr-decay", type=float, help="lr factor after each task (default 0.5 baselines, 1 ALKN)")
-    sp.add_argument("--epochs", type=int)
-    sp.add_argument("--max-steps", type=int, help="steps per task")
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--eval-limit", type=int, help="rows per eval set and per task")
+    sp.add_argument("--epochs", type=_int_at_least(1), help="passes over each task" + D["continual.epochs"])
+    sp.add_argument("--max-steps", type=_int_at_least(1), help="steps per task (default: epochs)")
+    sp.add_argument("--batch-size", type=_int_at_least(1), help="forget rows per step" + D["continual.batch_size"])
+    sp.add_argument("--eval-limit", type=_int_at_least(1), help="rows per eval set and per task (default: all)")
     sp.add_argument("--arg", nargs="*", metavar="K=V", help="method options, e.g. lam=0.8 mask_alignment=oppose")
+    sp.add_argument("--probes", type=_probe_list, help=PROBES_HELP + "; after the last task")
+    sp.add_argument("--probe-opt", nargs="*", metavar="K=V", help=PROBE_OPT_HELP)
+    sp.add_argument("--save-model", action="store_true", default=None,
+                    help="write the final weights to <run>/model (for `lab probe RUN` later)")
     sp.add_argument("--set", nargs="*", metavar="K=V", help="any other ContinualConfig field")
-    sp.add_argument("--resume", metavar="RUN", help="run directory of an interrupted continual run")
+    sp.add_argument("--tag", help=TAG_HELP)
+    sp.add_argument("--resume", metavar="RUN", help="an interrupted continual run (its folder, or its id under "
+                                                    "--runs); no flags that would change it")
     sp.set_defaults(func=cmd_continual)
 
     sp = sub.add_parser("bench", help="engine benchmark: step time / memory of each method vs the floor",
                         add_help=False)
     sp.add_argument("bench_args", nargs=argparse.REMAINDER)
     sp.set_defaults(func=lambda a: __import__("lab.bench").bench.main(a.bench_args))
+
+    sp = sub.add_parser("bench-eval", help="evaluation benchmark: the TOFU suite vs an open-unlearning-style "
+                                           "baseline, same model and rows (lab/bench_eval.py)", add_help=False)
+    sp.add_argument("bench_args", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=lambda a: __import__("lab.bench_eval").bench_eval.main(a.bench_args))
+
+    sp = sub.add_parser("probe", help="robustness probes on a finished run saved with --save-model",
+                        description="Run robustness probes (METHODS §8) on the saved final model of RUN "
+                                    "(<run>/model, written by --save-model) and append one eval record "
+                                    "each (checkpoint probe:<name>) with its per-row outputs.")
+    sp.add_argument("run", help="run id (folder name) or path")
+    sp.add_argument("--probes", type=_probe_list, required=True, help=PROBES_HELP)
+    sp.add_argument("--probe-opt", nargs="*", metavar="K=V", help=PROBE_OPT_HELP)
+    sp.add_argument("--root", default="runs", help="run directory root (default: runs/)")
+    sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    sp.set_defaults(func=cmd_probe)
 
     sp = sub.add_parser("methods", help="list unlearning methods (objectives, combiner, defaults)")
     sp.set_defaults(func=cmd_methods)
@@ -354,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-j", "--jobs", type=int, default=DEMO_JOBS,
                     help=f"notebooks at once, each with 1/jobs of the cores (default {DEMO_JOBS})")
     sp.set_defaults(func=cmd_demo)
+
+    for name, sp in sub.choices.items():   # every command that reads benchmark data (added by anyone)
+        if name not in ("bench", "bench-eval", "runs", "methods", "claims") and "--data" not in sp._option_string_actions:
+            sp.add_argument("--data", metavar="DIR", help="benchmark data folder holding tofu/ and muse_news/ "
+                                                          "(sets $LAB_DATA; default: $LAB_DATA, else ../shared/data)")
     return p
 
 
@@ -363,13 +537,47 @@ def main(argv=None) -> int:
         from lab import bench
         bench.main(argv[1:])
         return 0
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["bench-eval"]:
+        from lab import bench_eval
+        bench_eval.main(argv[1:])
+        return 0
+    debug = "--debug" in argv    # anywhere: `lab --debug unlearn ...` or `lab unlearn ... --debug`
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser(show_defaults=bool({"-h", "--help"} & set(argv))).parse_args(argv)
+    if getattr(args, "data", None):
+        os.environ["LAB_DATA"] = os.path.abspath(os.path.expanduser(args.data))
+    if not sys.stderr.isatty():   # logs / CI: no carriage-return streams from the hub's and transformers' bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"lab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:   # `lab runs show X | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        print(f"lab {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        code, message = _error_message(e)
+        print(f"lab {args.command}: error: {message}", file=sys.stderr)
+        return code
     return 0
+
+
+def _error_message(e: Exception) -> tuple[int, str]:
+    """(exit code, one line) for an error: 2 for bad input (names, paths, files, options), 1 for a run
+    that stopped or another failure."""
+    import yaml
+    from lab.runs import RunLocked, RunStopped
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (RunStopped, RunLocked)):
+        return 1, text
+    if isinstance(e, (ValueError, KeyError, OSError, ImportError, yaml.YAMLError)):
+        return 2, text
+    return 1, f"{type(e).__name__}: {text} (unexpected; rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -232,6 +232,20 @@ def run_all_or_none(fn, par: Parallel | None):
     return value
 
 
+class NullRun:
+    """The run of a rank that writes nothing (every rank but 0): the calls of lab.runs' Run, ignored."""
+    path = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):   # log_step, log_eval, write_summary, ...
+        return lambda *a, **k: None
+
+
 def full_state_dict(model, par: Parallel | None):
     """The full (unsharded) state dict on CPU, for save_pretrained on rank 0 (a collective under fsdp:
     every rank must call it)."""

@@ -75,6 +75,7 @@ class UnlearnConfig:
     prepare: dict = dataclasses.field(default_factory=dict)   # lab.prepare hyper-parameter overrides
     save_model: bool = False                # write the unlearned weights into the run directory
     runs_root: str = "runs"
+    parallel: str = "none"                  # none | ddp | fsdp: under torchrun / accelerate launch (lab.distributed)
     probes: list = dataclasses.field(default_factory=list)         # lab.probes on the final model (METHODS §8)
     probe_options: dict = dataclasses.field(default_factory=dict)  # lab.probes.DEFAULTS overrides
 
@@ -92,6 +93,8 @@ class UnlearnConfig:
                              f"retain_batch_size={self.retain_batch_size or self.batch_size}")
         self.betas = tuple(self.betas)
         get_method(self.method, **self.method_args)  # validates name and options early
+        if self.parallel not in distributed.MODES:
+            raise ValueError(f"parallel={self.parallel!r}; valid: {', '.join(distributed.MODES)}")
         from lab.eval import metric_options
         self.eval_options = metric_options(**self.eval_options)  # recorded with the defaults filled in
         if self.probes or self.probe_options:  # recorded with their defaults filled in
@@ -390,6 +393,10 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
     args = fit_to_model(method, args, model)     # model-dependent defaults (RMU's layer)
     params = trainable_parameters(model, method, args)
     ctx = context or make_context(model, method, args, forget, tokenizer, cfg, idk_answers)
+    if par.sharded and hooks is not None:
+        raise ValueError("StepHooks (ALKN's gradient sparsity / parameter modulation) under --parallel fsdp: "
+                         "not supported yet (their quantile and masks would need the distributed form); "
+                         "use --parallel ddp or none")
     if par.sharded:
         distributed.wrap(model, par, autocast=cfg.autocast)
         if getattr(ctx, "ref_model", None) is not None:
@@ -664,12 +671,17 @@ def load_starting_point(cfg: UnlearnConfig):
 def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **overrides) -> UnlearnResult:
     """Run one unlearning method end to end: starting model, loop, periodic + final evaluation, run dir."""
     from lab.data import idk_answers as load_idk
-    from lab.eval import evaluate, restrict_eval
+    from lab.eval import restrict_eval
     if isinstance(config, UnlearnConfig):
         cfg = dataclasses.replace(config, **overrides)
     else:
         cfg = UnlearnConfig(**{**(config or {}), **overrides})
     method, args = get_method(cfg.method, **cfg.method_args)
+    par = distributed.setup(cfg.parallel, cfg.device)   # under a launcher: this rank's group and device
+    if par.mode != "none":
+        cfg = dataclasses.replace(cfg, device=par.device)
+        if getattr(cfg, "probes", None):
+            raise ValueError("probes run in one process: leave them out under --parallel ddp|fsdp")
     model, tok, bench, reference, initial, extra = load_starting_point(cfg)
     args = fit_to_model(method, args, model)     # the config records the model-dependent defaults
     idk = load_idk() if any(t.objective in ("idk", "dpo") for t in method.forget) else None
@@ -677,35 +689,36 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
     config = _config_dict(cfg, method, args, bench, extra)
     final: dict = {}
     t0 = time.time()
-    with runs.create_run(config, root=cfg.runs_root) as run:
+    # rank 0 writes the run; the other ranks' run records nothing
+    with runs.create_run(config, root=cfg.runs_root) if par.is_writer else distributed.NullRun() as run:
         if initial is not None:  # the target's evaluation from lab.prepare = the starting point, on the
             initial = restrict_eval(initial, cfg.eval_limit, reference)   # rows every later record uses
             run.log_eval({"step": 0, "epoch": 0, "checkpoint": "initial", **initial["metrics"]},
                          rows=initial["rows"])
 
         def evaluate_fn(step, epoch):
-            res = evaluate(model, tok, bench, reference=reference, limit=cfg.eval_limit, score_eos=cfg.score_eos,
-                           batch_size=cfg.eval_batch_size, autocast_dtype=autocast_dtype, progress=progress,
-                           **cfg.eval_options)
-            run.log_eval({"step": step, "epoch": epoch, "checkpoint": "unlearned", **res["metrics"]},
-                         rows=res["rows"])
-            final.clear()
-            final.update(res["metrics"])
+            res = distributed.evaluate(model, tok, bench, par, reference=reference, limit=cfg.eval_limit,
+                                       score_eos=cfg.score_eos, batch_size=cfg.eval_batch_size,
+                                       autocast_dtype=autocast_dtype, progress=progress, **cfg.eval_options)
+            if res is not None:   # rank 0 (or one process): the metrics of all rows
+                run.log_eval({"step": step, "epoch": epoch, "checkpoint": "unlearned", **res["metrics"]},
+                             rows=res["rows"])
+                final.clear()
+                final.update(res["metrics"])
             model.train()
 
         state = LoopState()
         try:
             unlearning_loop(model, tok, bench.forget, bench.retain, method, args, cfg, run=run,
-                            idk_answers=idk, evaluate_fn=evaluate_fn, progress=progress, state=state)
-        except Diverged as e:
-            model.save_pretrained(run.path / "last_good")
-            tok.save_pretrained(run.path / "last_good")
+                            idk_answers=idk, evaluate_fn=evaluate_fn, progress=progress, state=state,
+                            parallel=par)
+        except Diverged as e:   # every rank sees the same global losses and norm: all stop here
+            distributed.save_pretrained(model, tok, run.path and run.path / "last_good", par)
             raise runs.RunStopped(f"{method.name} diverged: {e}. Trace so far and the last good weights "
                                   f"({run.path / 'last_good'}) are kept.", status="diverged") from None
         evaluate_fn(state.step, state.trace[-1]["epoch"] if state.trace else 0)
         if cfg.save_model:
-            model.save_pretrained(run.path / "model")
-            tok.save_pretrained(run.path / "model")
+            distributed.save_pretrained(model, tok, run.path and run.path / "model", par)
         if cfg.probes:  # robustness probes on the final model: one more eval record each (lab.probes)
             from lab.probes import run_probes
             run_probes(model, tok, cfg, run, bench=bench, step=state.step, progress=progress,
