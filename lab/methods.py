@@ -58,7 +58,7 @@ CE1 = Term("ce", RETAIN)  # unweighted retain NLL (combiners that weigh or norma
 # Options METHODS.md names, one entry each: valid values, the default first. Every method that uses one
 # has it in its defaults, so each run's saved config (method_args) records it even when not passed.
 CHOICES = {
-    "kl_form": ("forward", "reverse_answer"),   # KL(p_ref||p_theta) over non-pad positions | KL(p_theta||p_ref) over answers
+    "kl_form": ("forward", "reverse_answer"),   # KL(p_ref||p_theta), non-pad positions | KL(p_theta||p_ref), answers
     "simnpo_margin": ("paper", "authors"),      # delta (BLUR eq. 5) | beta*delta (SimNPO code, open-unlearning)
     "pcgrad_form": ("symmetric", "ngdiff"),     # Yu et al. 2020 | NGDiff 2.2 item 6's closed form
 }
