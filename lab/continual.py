@@ -183,7 +183,7 @@ def evaluate_tasks(model, tok, bench, tasks, cfg: ContinualConfig, reference=Non
                    progress=False) -> tuple[dict, list[dict], pd.DataFrame]:
     """(utility metrics, one forget-metrics dict per task, per-row outputs) of the model now."""
     autocast = getattr(torch, cfg.autocast) if cfg.autocast else None
-    kw = dict(batch_size=cfg.eval_batch_size, autocast_dtype=autocast, progress=progress)
+    kw = dict(batch_size=cfg.eval_batch_size, autocast_dtype=autocast, progress=progress, score_eos=cfg.score_eos)
     if bench.name.startswith("tofu"):
         util, per_task, rows = _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw)
     else:
@@ -198,7 +198,7 @@ def evaluate_tasks(model, tok, bench, tasks, cfg: ContinualConfig, reference=Non
 def _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw):
     from datasets import concatenate_datasets
     from lab import metrics
-    from lab.eval import evaluate
+    from lab.eval import evaluate, same_rows
     limit = cfg.eval_limit
     heads = [_head(t, limit) for t in tasks]
     sets = {name: _head(ds, limit) for name, ds in bench.eval_sets.items() if name != "forget"}
@@ -210,7 +210,6 @@ def _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw):
     row_task = {int(r): t for t, h in enumerate(heads) for r in h["row"]}
     rows["row_task"] = [row_task.get(int(r), -1) if s == "forget" else -1 for s, r in zip(rows["set"], rows["row"])]
     holdout = rows[rows["set"] == "holdout"]
-    ref_rows = reference["rows"] if reference is not None else None
     mia_k = m.get("mia_min_k", 0.4)
     per_task = []
     for t in range(len(tasks)):
@@ -221,9 +220,8 @@ def _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw):
             out[f"mia_{score}_auc"] = float(metrics.mia_auc(metrics.membership_score(score, g[score]),
                                                            metrics.membership_score(score, holdout[score])))
         out["mia_min_k"] = mia_k
-        if ref_rows is not None:
-            ref_f = ref_rows[(ref_rows["set"] == "forget") & ref_rows["row"].isin(g["row"])]
-            ref_h = ref_rows[(ref_rows["set"] == "holdout") & ref_rows["row"].isin(holdout["row"])]
+        if reference is not None:  # the reference's values on the same rows (METHODS §6)
+            ref_f, ref_h = same_rows(reference, pd.concat([g, holdout]), ("forget", "holdout"))
             if len(ref_f) and len(ref_h):
                 out["forget_quality"] = float(metrics.forget_quality(g["truth_ratio"].to_numpy(),
                                                                      ref_f["truth_ratio"].to_numpy()))
@@ -291,7 +289,27 @@ def _read_eval_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
 
 
-def _reopen(path: Path, config: dict, task_done: int) -> runs.Run:
+def _load_params(path: Path) -> list:
+    """A checkpoint's parameter list: plain tensors only (weights_only: a pickle cannot run code on resume)."""
+    import pickle
+    try:
+        params = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"resume: {path} holds more than tensors; refusing to unpickle it "
+                         f"(torch.load weights_only=True): {str(e).splitlines()[0]}") from None
+    if not isinstance(params, list) or not all(isinstance(p, torch.Tensor) for p in params):
+        raise ValueError(f"resume: {path} is not a list of tensors (a lab.continual checkpoint)")
+    return params
+
+
+def resume_hint(path: Path) -> str:
+    """How to go on with an interrupted or failed continual run, as a command."""
+    path = Path(path)
+    root = "" if path.parent == Path("runs") else f" --runs {path.parent}"
+    return f"resume with: lab continual --resume {path.name}{root}  (Python: continual(resume={str(path)!r}))"
+
+
+def _reopen(path: Path, config: dict, task_done: int, writer: runs.WriterLock | None = None) -> runs.Run:
     """A Run on an existing directory holding only what tasks <= task_done wrote (public Run API)."""
     old_trace = pd.read_parquet(path / runs.TRACE) if (path / runs.TRACE).exists() else pd.DataFrame()
     old_rows = pd.read_parquet(path / runs.EVAL_ROWS) if (path / runs.EVAL_ROWS).exists() else pd.DataFrame()
@@ -301,7 +319,7 @@ def _reopen(path: Path, config: dict, task_done: int) -> runs.Run:
     for f in (path / "masks").glob("task_*.npz") if (path / "masks").exists() else []:
         if int(f.stem.split("_")[1]) > task_done:
             f.unlink()
-    run = runs.Run(path, config)
+    run = runs.Run(path, config, writer=writer)
     if not old_trace.empty:
         keep = old_trace[old_trace["task"] <= task_done]
         for row in keep.to_dict("records"):
@@ -321,27 +339,28 @@ def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
-def _run_context(config: dict, root, resume_path: Path | None, task_done: int):
-    """create_run for a new run; a reopened Run for a resumed one. Either way a failure KEEPS the
-    directory (status 'failed' / 'interrupted'): a continual run is resumable."""
+def _run_context(config: dict, root, resume_path: Path | None, task_done: int, writer=None):
+    """create_run for a new run; a reopened Run for a resumed one (holding `writer`, its lock). Either way a
+    failure KEEPS the directory (status 'failed' / 'interrupted'): a continual run is resumable, and the
+    error says how (resume_hint)."""
     import contextlib
 
     @contextlib.contextmanager
     def ctx():
         if resume_path is None:
-            with runs.create_run(config, root=root) as run:
-                try:
-                    yield run
-                except runs.RunStopped:
-                    raise
-                except KeyboardInterrupt as e:
-                    raise runs.RunStopped(f"interrupted: {e!r}; resume with continual(resume=...)",
-                                          status="interrupted") from e
-                except Exception as e:
-                    raise runs.RunStopped(f"{type(e).__name__}: {e}; resume with continual(resume=...)",
-                                          status="failed") from e
+            try:
+                with runs.create_run(config, root=root) as run:
+                    try:
+                        yield run
+                    except (runs.RunStopped, KeyboardInterrupt):
+                        raise
+                    except Exception as e:
+                        raise runs.RunStopped(f"{type(e).__name__}: {e}; {resume_hint(run.path)}",
+                                              status="failed") from e
+            except runs.RunInterrupted as e:
+                raise runs.RunInterrupted(f"{e}; {resume_hint(e.run_dir)}", e.run_dir) from None
             return
-        run = _reopen(resume_path, config, task_done)
+        run = _reopen(resume_path, config, task_done, writer)
         run.write_summary(status="running", resumed=_now(), error=None)
         try:
             yield run
@@ -349,15 +368,19 @@ def _run_context(config: dict, root, resume_path: Path | None, task_done: int):
             run.flush()
             run.write_summary(status=stop.status, error=str(stop), finished=_now())
             raise
+        except KeyboardInterrupt:
+            run.interrupted()
+            raise runs.RunInterrupted(f"interrupted; the run so far is kept in {run.path}; {resume_hint(run.path)}",
+                                      run.path) from None
         except BaseException as e:
             run.flush()
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            run.write_summary(status=status, error=f"{type(e).__name__}: {e}", finished=_now())
-            raise runs.RunStopped(f"{type(e).__name__}: {e}; resume with continual(resume=...)",
-                                  status=status) from e
+            run.write_summary(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+            raise runs.RunStopped(f"{type(e).__name__}: {e}; {resume_hint(run.path)}", status="failed") from e
         else:
             run.flush()
             run.write_summary(status="done", finished=_now())
+        finally:
+            run.close()
     return ctx()
 
 
@@ -373,8 +396,11 @@ class ContinualResult:
 
 
 def _config_from_run(path: Path) -> ContinualConfig:
-    import yaml
-    raw = yaml.safe_load((path / runs.CONFIG).read_text()) or {}
+    rec = runs.load_run(path)
+    bad = [e for e in rec.errors if runs.CONFIG in e]
+    if bad:
+        raise ValueError(f"resume: {bad[0]}")
+    raw = rec.config
     if raw.get("kind") != "continual":
         raise ValueError(f"{path}: not a continual run (kind={raw.get('kind')!r})")
     fields = {f.name for f in dataclasses.fields(ContinualConfig)}
@@ -383,19 +409,28 @@ def _config_from_run(path: Path) -> ContinualConfig:
 
 def continual(config: ContinualConfig | dict | None = None, *, resume=None, progress=True,
               **overrides) -> ContinualResult:
-    """Run (or resume) a continual-unlearning experiment; see the module docstring."""
+    """Run (or resume) a continual-unlearning experiment; see the module docstring.
+
+    resume: an interrupted / failed run's directory. Its writer lock is taken first, so a second process
+    on a run that is still being written stops at once with runs.RunLocked (naming the writer's pid)."""
+    if resume is None:
+        cfg = (dataclasses.replace(config, **overrides) if isinstance(config, ContinualConfig)
+               else ContinualConfig(**{**(config or {}), **overrides}))
+        return _continual(cfg, None, None, progress)
+    resume = Path(resume)
+    if not (resume / runs.CONFIG).is_file():
+        raise FileNotFoundError(f"resume: {resume} is not a run directory (no {runs.CONFIG})")
+    if config is not None or overrides:
+        raise ValueError("resume: the run's own config.yaml is used; pass no config or overrides")
+    writer = runs.WriterLock(resume).acquire()
+    try:
+        return _continual(_config_from_run(resume), resume, writer, progress)
+    finally:
+        writer.release()
+
+
+def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress) -> ContinualResult:
     from lab.data import idk_answers as load_idk
-    if resume is not None:
-        resume = Path(resume)
-        if not (resume / runs.CONFIG).is_file():
-            raise FileNotFoundError(f"resume: {resume} is not a run directory (no {runs.CONFIG})")
-        if config is not None or overrides:
-            raise ValueError("resume: the run's own config.yaml is used; pass no config or overrides")
-        cfg = _config_from_run(resume)
-    elif isinstance(config, ContinualConfig):
-        cfg = dataclasses.replace(config, **overrides)
-    else:
-        cfg = ContinualConfig(**{**(config or {}), **overrides})
 
     model, tok, bench, reference, _, extra = load_starting_point(cfg.task_config(cfg.base_lr))
     tasks = continual_tasks(bench, cfg.n_tasks, cfg.task_unit)
@@ -426,7 +461,7 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
     if ckpt:
         global_step = ckpt["global_step"]
         if cfg.protocol == "sequential" and (ckpt_dir / "params.pt").is_file():
-            taskvec.load_values_(params, torch.load(ckpt_dir / "params.pt"))
+            taskvec.load_values_(params, _load_params(ckpt_dir / "params.pt"))
         if (ckpt_dir / "union_mask.npz").is_file():
             union_mask = masks.load_mask(ckpt_dir / "union_mask.npz")[0]
         for t in range(task_done + 1):
@@ -435,7 +470,7 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
                 task_masks[t] = masks.load_mask(f)[0]
 
     t_start = time.time()
-    with _run_context(config, cfg.runs_root, resume, task_done) as run:
+    with _run_context(config, cfg.runs_root, resume, task_done, writer) as run:
         def log_checkpoint(task, checkpoint, step, epoch, util, per_task, rows, extra_util=None):
             base = {"step": step, "epoch": epoch, "task": task, "checkpoint": checkpoint}
             run.log_eval({**base, "eval_task": None, **util, **(extra_util or {})}, rows=rows)
@@ -477,7 +512,12 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
                     taskvec.tru_unlearn(model, tok, forget_t, task_cfg, n_batches=cfg.opts["n_batches"],
                                         stg=cfg.opts["stg"], run=run, task=t, state=state, progress=progress)
             except Diverged as e:
-                raise runs.RunStopped(f"task {t}: {cfg.method} diverged: {e}", status="diverged") from None
+                kept = (f"the weights after task {t - 1} are in {run.path / 'checkpoint'}"
+                        if cfg.checkpoint and t > 0 and cfg.protocol == "sequential"
+                        else "the last good weights are the starting model's (every task starts from it)"
+                        if cfg.protocol != "sequential" else "no finished task's weights are kept")
+                raise runs.RunStopped(f"task {t}: {cfg.method} diverged: {e}; the trace so far is kept; {kept}",
+                                      status="diverged") from None
             global_step = state.step
             task_seconds = time.time() - t0
             delta = [p.detach() - b for p, b in zip(params, theta_prev)]
@@ -511,6 +551,10 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
         if cfg.save_model:
             model.save_pretrained(run.path / "model")
             tok.save_pretrained(run.path / "model")
+        if cfg.probes:  # robustness probes on the model after the last task (lab.probes, METHODS §8)
+            from lab.probes import continual_forget, run_probes
+            run_probes(model, tok, cfg, run, bench=bench, forget=continual_forget(tasks, cfg.protocol),
+                       step=global_step, task=len(tasks) - 1, progress=progress)
         evals = pd.DataFrame(_read_eval_records(run.path))
         table = task_table(evals)
         final = {k: v for k, v in table.iloc[-1].items() if pd.notna(v)} if len(table) else {}

@@ -150,6 +150,9 @@ def _check_records(where, records, keys) -> None:
         missing = [k for k in keys if k not in r]
         if missing:
             raise ValueError(f"{where}: record {i + 1} (row {i}) lacks {missing}; it has {sorted(r)}")
+        null = [k for k in keys if r[k] is None]
+        if null:
+            raise ValueError(f"{where}: record {i + 1} (row {i}) has null {null}; every record needs {list(keys)}")
 
 
 def _required_keys(split: str) -> tuple:
@@ -161,18 +164,28 @@ def _required_keys(split: str) -> tuple:
 
 
 # ---------------------------------------------------------------- hub fallback (no local data root)
+def _hub_load(repo: str, *args, **kwargs) -> list:
+    from datasets import load_dataset
+    try:
+        return load_dataset(repo, *args, **kwargs).to_list()
+    except Exception as e:   # offline, no network, no such config: one error that says where the lab looked
+        default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+        raise FileNotFoundError(
+            f"no benchmark data: $LAB_DATA is not set, {default} does not exist, and the hub ({repo}) failed "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); set LAB_DATA or pass --data to a folder "
+            "holding tofu/ and muse_news/ (see shared/data/README.md)") from e
+
+
 def _hub_tofu(split: str) -> list:
     if split == "idontknow":
         raise FileNotFoundError("idontknow.jsonl is not a locuslab/TOFU hub config; point $LAB_DATA (or "
                                 "root=) at a data folder holding tofu/idontknow.jsonl")
-    from datasets import load_dataset
-    return load_dataset("locuslab/TOFU", split, split="train").to_list()
+    return _hub_load("locuslab/TOFU", split, split="train")
 
 
 def _hub_muse(split: str) -> list:
-    from datasets import load_dataset
     config, name = split.split("/")
-    rows = load_dataset("muse-bench/MUSE-News", config, split=name.replace("retain2", "retain")).to_list()
+    rows = _hub_load("muse-bench/MUSE-News", config, split=name.replace("retain2", "retain"))
     return [r["text"] for r in rows] if config in _MUSE_TEXT else rows
 
 

@@ -229,6 +229,26 @@ def _pretrained(name: str, dtype):
 
 
 # ---------------------------------------------------------------- public API
+def check_model(name_or_path: str) -> None:
+    """Raise the error load_model would raise for a name that cannot load, without loading anything:
+    not a preset, not a local folder with a config.json, and the hub offline (or a path that does not
+    exist). A hub name with the hub online is left to load_model."""
+    name = ALIASES.get(str(name_or_path), str(name_or_path))
+    if name in PRESETS:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json (save it with save_pretrained); "
+                                    f"presets: {', '.join(PRESETS)}")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:   # a path, not a hub org/name
+        raise FileNotFoundError(f"model path {path} does not exist; presets: {', '.join(PRESETS)}")
+    if _hub_offline():
+        raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), not a local folder, "
+                         "and the hub is offline")
+
+
 def as_dtype(dtype) -> torch.dtype:
     if dtype is None:
         return torch.float32

@@ -2,10 +2,13 @@
 the per-task table and the `lab continual` / `lab runs show` commands."""
 import json
 import math
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from lab import cli, continual as C, runs
 from lab.data import get_benchmark, tofu_subset
@@ -168,3 +171,82 @@ def test_resume_gives_the_same_results(prepared_tiny, tmp_path, monkeypatch):
     assert (resumed.run_dir / "checkpoint" / "union_mask.npz").exists()
     with pytest.raises(ValueError, match="already finished"):
         C.continual(resume=resumed.run_dir)
+
+
+# ---------------------------------------------------------------- one writer per run, resume by id, safe checkpoints
+HOLDER = """
+import pathlib, sys, time
+from lab import continual as C
+real, calls = C.evaluate_tasks, []
+
+def held(*a, **k):   # after task 0's unlearning, hold the run open until the test is done with it
+    calls.append(1)
+    if len(calls) == 2:
+        print("HOLDING", flush=True)
+        while True:
+            time.sleep(1)
+    return real(*a, **k)
+C.evaluate_tasks = held
+C.continual(method="npo_gd", protocol="sequential", lr=1e-3, runs_root=sys.argv[1], n_tasks=2, task_unit="rows",
+            epochs=1, batch_size=8, max_length=128, eval_limit=2, eval_max_new_tokens=16, eval_batch_size=8,
+            progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_live_run_refuses_a_second_writer_and_a_killed_one_resumes_by_id(prepared_tiny, tmp_path):
+    root = tmp_path / "runs"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "HOLDING"
+        (path,) = runs.find_runs(root)
+        lab_cmd = [sys.executable, "-m", "lab"]
+        second = subprocess.run([*lab_cmd, "continual", "--resume", path.name, "--runs", str(root)],
+                                capture_output=True, text=True)
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("lab continual")]
+        assert second.returncode == 1 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"being written by pid {holder.pid} on " in errors[0]
+        assert runs.load_run(path).status == "running"
+    finally:
+        holder.kill()
+        holder.wait()
+    listed = subprocess.run([*lab_cmd, "runs", "--root", str(root)], capture_output=True, text=True, check=True).stdout
+    assert "stale" in listed and f"writer gone (pid {holder.pid}" in listed
+    refused = subprocess.run([*lab_cmd, "continual", "--resume", path.name, "--runs", str(root), "--lr", "1e-2"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "drop --lr (they would change the run)" in refused.stderr
+    resumed = subprocess.run([*lab_cmd, "continual", "--resume", path.name, "--runs", str(root)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    rec = runs.load_run(path)
+    assert rec.status == "done" and not (path / runs.LOCK).exists()
+    keys = [(r["task"], r["eval_task"], r["checkpoint"]) for r in _records(path)]
+    assert len(keys) == len(set(keys)) == 9                              # (1 + 2 tasks) x (utility + 2 tasks)
+    assert rec.trace["step"].tolist() == list(range(len(rec.trace)))    # no duplicated trace rows either
+
+
+class Payload:
+    """Pickles to a call of open(): what a crafted params.pt could make an unsafe torch.load do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_plain_tensors(prepared_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")   # the default of torch < 2.6 (pyproject allows it)
+    path = tmp_path / "run"
+    (path / "checkpoint").mkdir(parents=True)
+    cfg = {k: v for k, v in SHORT.items() if k != "progress"}
+    (path / runs.CONFIG).write_text(yaml.safe_dump({"kind": "continual", "method": "npo_gd", **cfg,
+                                                    "n_tasks": 3, "runs_root": str(tmp_path)}))
+    (path / runs.SUMMARY).write_text(json.dumps({"status": "failed"}))
+    (path / "checkpoint" / "state.json").write_text(json.dumps({"task_done": 0, "global_step": 2}))
+    marker = tmp_path / "payload-ran"
+    torch.save([Payload(str(marker))], path / "checkpoint" / "params.pt")
+    with pytest.raises(ValueError, match="holds more than tensors; refusing to unpickle it"):
+        C.continual(resume=path, progress=False)
+    assert not marker.exists()
+    assert not (path / runs.LOCK).exists()                              # the lock is given back on failure
