@@ -23,6 +23,10 @@ class LineBar(_std):
         kwargs["file"] = io.StringIO()
         super().__init__(*args, **kwargs)
 
+    def __del__(self):          # a bar abandoned by an exception prints nothing (the error says what happened)
+        self._line_file = None
+        super().__del__()
+
     def close(self):
         out, self._line_file = self._line_file, None
         if out is not None and not self.disable:
