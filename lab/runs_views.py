@@ -208,6 +208,7 @@ def continual_table(records) -> pd.DataFrame:
         if (rec.config or {}).get("kind") != "continual" or ev is None or ev.empty or "eval_task" not in ev:
             continue
         meta = _meta(rec)
+        ev = without_probes(ev)   # probe records (lab.probes) are the robustness table's
         ids = [c for c in runs.EVAL_INDEX if c in ev]
         values = ev.drop(columns=ids).select_dtypes("number")
         long = pd.concat([ev[ids], values], axis=1).melt(id_vars=ids, var_name="metric", value_name="value")
@@ -338,6 +339,7 @@ def evals_task_table(evals: pd.DataFrame, per_task=TABLE_PER_TASK, utility=TABLE
     ...), utility columns and, per metric, one column per evaluated task (e.g. forget_rouge[2])."""
     if evals.empty or "eval_task" not in evals:
         return pd.DataFrame()
+    evals = without_probes(evals)
     label = lambda t: "initial" if t < 0 else f"after {int(t)}"  # noqa: E731
     util = evals[evals["eval_task"].isna()].drop_duplicates("task", keep="last").set_index("task")
     out = util[[c for c in utility if c in util.columns and util[c].notna().any()]].copy()
@@ -358,3 +360,46 @@ def task_table(rec, per_task=TABLE_PER_TASK, utility=TABLE_UTILITY) -> pd.DataFr
     if (rec.config or {}).get("kind") != "continual" or rec.evals is None:
         return pd.DataFrame()
     return evals_task_table(rec.evals, per_task, utility)
+
+
+# ---------------------------------------------------------------- robustness probes (lab.probes, METHODS §8)
+ROBUSTNESS_COLUMNS = [
+    "run_id", "label", "method", "kind", "protocol", "probe", "probe_rows",
+    *[f"{w}forget_{k}" for k in ("rouge", "prob") for w in ("unlearned_", "", "target_", "floor_")],
+    "recovery_rouge", "recovery_prob", "delta_forget_rouge", "delta_forget_prob",
+    "floor_recovery_rouge", "floor_recovery_prob", "model_utility", "probe_model_utility"]
+
+
+def without_probes(evals: pd.DataFrame) -> pd.DataFrame:
+    """Eval records other than the robustness probes' (checkpoint "probe:<name>")."""
+    if evals is None or evals.empty or "checkpoint" not in evals:
+        return evals
+    return evals[~evals["checkpoint"].astype(str).str.startswith(runs.PROBE_PREFIX)]
+
+
+def robustness_table(records) -> pd.DataFrame:
+    """One row per (run, probe): forget ROUGE-L / Prob of the final model unprobed (unlearned_*), under the
+    probe (forget_*), of the target (target_*) and of the retain model (floor_*; after the same attack
+    for relearn) on the probe's rows, the recovery fractions (probe - unlearned) / (target - unlearned),
+    the changes, and model_utility of the final model (its 'unlearned' record) beside the probed model's.
+    Columns ROBUSTNESS_COLUMNS; probes in lab.runs.PROBES order."""
+    out = []
+    for rec in records:
+        probes = runs.probe_evals(rec.evals)
+        if probes.empty:
+            continue
+        meta = _meta(rec)
+        utility = _value(final_record(rec), "model_utility")
+        for _, r in probes.drop_duplicates("probe", keep="last").iterrows():
+            d = r.to_dict()
+            row = {**{k: meta.get(k) for k in ("run_id", "label", "method", "kind", "protocol")},
+                   "model_utility": utility, "probe_model_utility": _value(d, "model_utility")}
+            row.update({c: _value(d, c) for c in ROBUSTNESS_COLUMNS if c not in row and c in d})
+            row["probe"] = d["probe"]
+            out.append(row)
+    df = pd.DataFrame(out).reindex(columns=ROBUSTNESS_COLUMNS)
+    if df.empty:
+        return df
+    order = {p: i for i, p in enumerate(runs.PROBES)}
+    df["_order"] = df["probe"].map(lambda p: order.get(p, len(order)))
+    return df.sort_values(["label", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
