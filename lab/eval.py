@@ -25,7 +25,7 @@ from lab.data import encode_pairs, encode_prompts, format_question
 
 # Bump when a metric's definition or scoring convention changes: cached evaluations (lab.prepare) are
 # keyed on it and recomputed (no fine-tune) under the new definitions.
-EVAL_VERSION = 2   # 2: score_eos (answers scored with EOS by default)
+EVAL_VERSION = 3   # 2: score_eos (answers scored with EOS by default); 3: EM, ES, Min-K%++, GradNorm, Reference
 
 # METHODS §6 generation lengths
 MAX_NEW_TOKENS = {"tofu": 200, "verbmem": 128, "knowmem": 32}
@@ -163,8 +163,12 @@ def evaluate_tofu(model, tokenizer, benchmark, reference=None, *, batch_size=16,
         ds = sets[name] if limit is None else sets[name].select(range(min(limit, len(sets[name]))))
         frames.append(_qa_set(model, tokenizer, ds, name, generate_answers=name != "holdout", opts=opts))
     rows = pd.concat(frames, ignore_index=True)
+    ref_eos = (reference.get("options") or {}).get("score_eos") if isinstance(reference, dict) else None
+    if ref_eos is not None and ref_eos != opts["score_eos"]:
+        raise ValueError(f"reference was scored with score_eos={ref_eos}, this evaluation with "
+                         f"score_eos={opts['score_eos']}; evaluate both under the same convention")
     m = _tofu_metrics(rows, reference, mia_k)
-    return {"benchmark": benchmark.name, "metrics": m, "rows": rows}
+    return {"benchmark": benchmark.name, "metrics": m, "rows": rows, "options": {"score_eos": opts["score_eos"]}}
 
 
 def _tofu_metrics(rows: pd.DataFrame, reference, mia_k) -> dict:
@@ -186,12 +190,50 @@ def _tofu_metrics(rows: pd.DataFrame, reference, mia_k) -> dict:
             metrics.membership_score(score, members[score].to_numpy()),
             metrics.membership_score(score, non[score].to_numpy())))
     m["mia_min_k"] = mia_k
-    if reference is not None:
-        ref_rows, ref_metrics = _reference_parts(reference)
-        ref_forget = ref_rows[ref_rows["set"] == "forget"]["truth_ratio"].to_numpy()
-        m["forget_quality"] = float(metrics.forget_quality(by["forget"]["truth_ratio"].to_numpy(), ref_forget))
-        m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], ref_metrics["mia_min_k_auc"])
+    if reference is not None:  # against the reference's values on the same rows (METHODS §6 "Same rows")
+        ref_forget, ref_holdout = same_rows(reference, rows, ("forget", "holdout"))
+        m["forget_quality"] = float(metrics.forget_quality(by["forget"]["truth_ratio"].to_numpy(),
+                                                           ref_forget["truth_ratio"].to_numpy()))
+        m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], _min_k_auc(ref_forget, ref_holdout))
     return m
+
+
+def _min_k_auc(members: pd.DataFrame, non: pd.DataFrame) -> float:
+    return float(metrics.mia_auc(metrics.membership_score("min_k", members["min_k"].to_numpy()),
+                                 metrics.membership_score("min_k", non["min_k"].to_numpy())))
+
+
+def same_rows(reference, rows: pd.DataFrame, sets) -> list[pd.DataFrame]:
+    """The reference's per-row values for exactly the (set, row) pairs of `rows`, one frame per name in
+    `sets`: a limited evaluation is compared with its reference on the same rows (METHODS §6 "Same
+    rows"). A reference lacking some of them is an error (it was evaluated on fewer rows)."""
+    ref_rows = _reference_parts(reference)[0]
+    out = []
+    for name in sets:
+        want = rows.loc[rows["set"] == name, ["set", "row"]]
+        got = want.merge(ref_rows[ref_rows["set"] == name], on=["set", "row"], how="left", indicator=True)
+        missing = got[got["_merge"] == "left_only"]
+        if len(missing):
+            raise ValueError(f"reference lacks {len(missing)} of the {len(want)} evaluated {name!r} rows (first: "
+                             f"row {missing['row'].iloc[0]}); evaluate the reference on at least the same rows")
+        out.append(got.drop(columns="_merge"))
+    return out
+
+
+def restrict_eval(result: dict, limit: int | None, reference=None) -> dict:
+    """A TOFU evaluate() result cut to the first `limit` rows of each eval set (the rows evaluate(limit=)
+    selects), its metrics recomputed from those rows, with forget quality and PrivLeak against
+    `reference` on the same rows. For a full evaluation (lab.prepare's) that is the starting point of
+    a limited run. limit None keeps every row (metrics recomputed when a reference is given)."""
+    if not str(result.get("benchmark", "")).startswith("tofu"):
+        raise ValueError(f"restrict_eval: benchmark {result.get('benchmark')!r}; valid: TOFU evaluate() results")
+    rows = result["rows"]
+    if limit is not None:
+        rows = rows[rows.groupby("set", sort=False).cumcount() < limit].reset_index(drop=True)
+    elif reference is None:
+        return result
+    return {**result, "metrics": _tofu_metrics(rows, reference, result["metrics"].get("mia_min_k", 0.4)),
+            "rows": rows}
 
 
 def privleak_or_nan(auc: float, auc_reference: float) -> float:
@@ -257,10 +299,11 @@ def evaluate_muse(model, tokenizer, benchmark, reference=None, *, batch_size=16,
     m["mia_min_k_auc"] = float(metrics.mia_auc(metrics.membership_score("min_k", scores["forget"]),
                                                 metrics.membership_score("min_k", scores["holdout"])))
     m["mia_min_k"] = mia_k
-    if reference is not None:
-        _, ref_metrics = _reference_parts(reference)
-        m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], ref_metrics["mia_min_k_auc"])
-    return {"benchmark": benchmark.name, "metrics": m, "rows": pd.concat(frames, ignore_index=True)}
+    rows = pd.concat(frames, ignore_index=True)
+    if reference is not None:  # the reference's AUC on the same excerpts (METHODS §6 "Same rows")
+        ref_forget, ref_holdout = same_rows(reference, rows, ("privleak_forget", "privleak_holdout"))
+        m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], _min_k_auc(ref_forget, ref_holdout))
+    return {"benchmark": benchmark.name, "metrics": m, "rows": rows, "options": {"score_eos": bool(score_eos)}}
 
 
 def _text_logprobs(model, tokenizer, texts, **kw):

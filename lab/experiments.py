@@ -157,7 +157,7 @@ def starting_points(base: UnlearnConfig) -> pd.DataFrame:
     gold standard), evaluated on the same rows as the grid's runs (base.eval_limit)."""
     from lab.eval import evaluate
     model, tok, bench, reference, _, extra = load_starting_point(base)
-    kw = dict(limit=base.eval_limit, batch_size=base.eval_batch_size, progress=False)
+    kw = dict(limit=base.eval_limit, batch_size=base.eval_batch_size, score_eos=base.score_eos, progress=False)
     out = [{"label": "Original", "status": "done", **evaluate(model, tok, bench, reference=reference, **kw)["metrics"]}]
     if extra.get("prepared"):
         from lab.models import load_model
@@ -187,7 +187,7 @@ def uwc_table(grid: pd.DataFrame, base: UnlearnConfig, targets=(0.85, 0.9, 0.95)
         # the full evaluation (FQ included): uwc_calibrate evaluates the chosen alpha last, so `last`
         # holds its metrics afterwards and no extra evaluation is needed
         last.clear()
-        last.update(evaluate(m, tok, bench, reference=reference, limit=base.eval_limit,
+        last.update(evaluate(m, tok, bench, reference=reference, limit=base.eval_limit, score_eos=base.score_eos,
                              batch_size=base.eval_batch_size, progress=False)["metrics"])
         return last["model_utility"]
 

@@ -29,7 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import lab
 from lab import runs
 from lab.data import benchmark_from_config, get_benchmark, qa_batches
 from lab import eval as lab_eval
-from lab.eval import evaluate, privleak_or_nan
+from lab.eval import evaluate
 from lab.models import load_model, model_info
 
 # Fine-tuning defaults per model. TOFU fine-tunes real LMs 5 epochs at lr 1e-5..2e-5 (TOFU paper);
@@ -203,6 +202,15 @@ def entry_lock(path: Path):
         os.close(fd)
 
 
+def _tmp_dir(parent: Path, name: str) -> Path:
+    """A fresh .<name>.<random> dir (mkdir: the umask sets its permissions, unlike mkdtemp's 0700)."""
+    while True:
+        tmp = parent / f".{name}.{os.urandom(4).hex()}"
+        with contextlib.suppress(FileExistsError):
+            tmp.mkdir(parents=True)
+            return tmp
+
+
 def _remove_stale_tmp(path: Path) -> None:
     """Temporary dirs of this entry left by a killed preparer (only the lock holder creates them)."""
     for tmp in [*path.parent.glob(f".{path.name}.*"), *(path / "evals").glob(".*")]:
@@ -337,14 +345,15 @@ def _write_eval(out: Path, cfg: dict, results: dict) -> None:
         res["rows"].to_parquet(out / f"{which}_eval_rows.parquet", index=False)
     runs.atomic_write_json(out / "eval.json", {   # written last: marks the entry complete
         "eval_options": {k: cfg.get(k) for k in EVAL_OPTIONS}, "eval_version": lab_eval.EVAL_VERSION,
-        "metrics": {w: r["metrics"] for w, r in results.items()}})
+        "metrics": {w: r["metrics"] for w, r in results.items()},
+        "options": {w: r.get("options") for w, r in results.items()}})
 
 
 def _evaluate_cached(cfg, bench, path: Path, eval_key: str, device="cpu") -> None:
     """Evaluate cached models under new evaluation options (no fine-tune); written atomically."""
     evals = path / "evals"
     evals.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=evals, prefix=f".{eval_key}."))
+    tmp = _tmp_dir(evals, eval_key)
     try:
         _write_eval(tmp, cfg, _evaluate_both(cfg, bench, path, device))
         os.replace(tmp, evals / eval_key)
@@ -357,7 +366,7 @@ def _prepare_fresh(cfg, path, runs_root, verbose, device="cpu", parallel=False, 
     bench = benchmark_from_config(cfg["benchmark"])
     eval_key = eval_key or cache_keys(cfg, bench)[1]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = _tmp_dir(path.parent, path.name)
     try:
         with runs.create_run({**cfg, "device": device, "parallel": bool(parallel)}, root=runs_root) as run:
             trained = _finetune_both(cfg, tmp, device, parallel)
@@ -386,22 +395,19 @@ def _prepare_fresh(cfg, path, runs_root, verbose, device="cpu", parallel=False, 
 
 def evaluate_reference_self(res: dict) -> dict:
     """Forget quality and PrivLeak of the reference model against itself (exactly 1 and 0; PrivLeak NaN
-    when undefined, see lab.eval.privleak_or_nan)."""
-    from lab import metrics
-    m = dict(res["metrics"])
-    forget = res["rows"].query("set == 'forget'")["truth_ratio"].to_numpy()
-    m["forget_quality"] = float(metrics.forget_quality(forget, forget))
-    m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], m["mia_min_k_auc"])
-    return {**res, "metrics": m}
+    when undefined, see lab.eval.privleak_or_nan), by the same code as any comparison with a reference."""
+    m = lab_eval.restrict_eval(res, None, reference=res)["metrics"]
+    return {**res, "metrics": {**res["metrics"], "forget_quality": m["forget_quality"], "privleak": m["privleak"]}}
 
 
 def _load_prepared(path: Path, eval_key: str, cfg: dict | None = None) -> Prepared:
     meta = json.loads((path / "prepared.json").read_text())
     ev = path / "evals" / eval_key
-    metrics = json.loads((ev / "eval.json").read_text())["metrics"]
+    stored = json.loads((ev / "eval.json").read_text())
     cfg = cfg or meta["config"]
-    evals = {w: {"benchmark": cfg["benchmark"]["name"], "metrics": metrics[w],
-                 "rows": pd.read_parquet(ev / f"{w}_eval_rows.parquet")} for w in ("target", "retain")}
+    evals = {w: {"benchmark": cfg["benchmark"]["name"], "metrics": stored["metrics"][w],
+                 "rows": pd.read_parquet(ev / f"{w}_eval_rows.parquet"),
+                 "options": (stored.get("options") or {}).get(w)} for w in ("target", "retain")}
     return Prepared(path=path, config=cfg, target_eval=evals["target"], retain_eval=evals["retain"],
                     run_dir=Path(meta["run_dir"]) if meta.get("run_dir") else None, eval_path=ev)
 

@@ -3,10 +3,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from lab import metrics
 from lab.data import get_benchmark
-from lab.eval import evaluate, generate, token_logprobs
+from lab.eval import evaluate, generate, restrict_eval, token_logprobs
 from lab.models import load_model
 
 TOFU_KEYS = {"forget_prob", "forget_rouge", "forget_truth_ratio", "retain_prob", "retain_rouge",
@@ -163,3 +164,50 @@ def test_token_logprobs_add_eos_scores_one_more_token():
     for p, e, a in zip(plain, eos, answers):
         assert e.numel() == p.numel() + 1 and np.allclose(e[:-1].numpy(), p.numpy(), atol=1e-5)
         assert e[-1].item() == pytest.approx(_by_hand(model, tok, prompts[0], a, eos=True)[-1], rel=1e-4)
+
+
+# ---------------------------------------------------------------- same rows (METHODS §6)
+@pytest.mark.parametrize("limit", [5, 8, None])
+def test_retain_model_against_itself_gives_fq_1_and_privleak_0_at_any_row_limit(prepared_tiny, limit):
+    retain, tok = prepared_tiny.load("retain")
+    if limit is None:   # the full evaluation is prepare's own: recompute its comparison with itself
+        res = restrict_eval(prepared_tiny.retain_eval, None, reference=prepared_tiny.retain_eval)
+    else:
+        res = evaluate(retain, tok, prepared_tiny.benchmark, reference=prepared_tiny.retain_eval, limit=limit,
+                       progress=False, max_new_tokens=8)
+        assert (res["rows"].groupby("set").size() == limit).all()
+    assert res["metrics"]["forget_quality"] == 1.0
+    assert res["metrics"]["privleak"] == 0.0
+
+
+def test_restricted_full_evaluation_equals_the_limited_evaluation(prepared_tiny):
+    """prepare's full target evaluation cut to 8 rows per set = the target evaluated with limit=8."""
+    target, tok = prepared_tiny.load("target")
+    ref = prepared_tiny.retain_eval
+    cut = restrict_eval(prepared_tiny.target_eval, 8, reference=ref)
+    direct = evaluate(target, tok, prepared_tiny.benchmark, reference=ref, limit=8, progress=False)
+    assert cut["rows"][["set", "row"]].equals(direct["rows"][["set", "row"]])
+    assert set(cut["metrics"]) == set(direct["metrics"])
+    for k, v in direct["metrics"].items():
+        assert cut["metrics"][k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
+    # against the whole reference set (the old comparison) forget quality is another number
+    assert prepared_tiny.target_eval["metrics"]["forget_quality"] != pytest.approx(cut["metrics"]["forget_quality"])
+
+
+def test_a_reference_on_fewer_rows_or_another_convention_is_refused(prepared_tiny):
+    target, tok = prepared_tiny.load("target")
+    small = restrict_eval(prepared_tiny.retain_eval, 3)
+    with pytest.raises(ValueError, match="reference lacks 2 of the 5 evaluated 'forget' rows"):
+        evaluate(target, tok, prepared_tiny.benchmark, reference=small, limit=5, progress=False, max_new_tokens=2)
+    with pytest.raises(ValueError, match="score_eos=True, this evaluation with score_eos=False"):
+        evaluate(target, tok, prepared_tiny.benchmark, reference=prepared_tiny.retain_eval, limit=2,
+                 progress=False, max_new_tokens=2, score_eos=False)
+
+
+def test_muse_privleak_compares_the_same_excerpts():
+    model, tok = load_model("tiny")
+    bench = get_benchmark("muse_news")
+    kw = dict(progress=False, max_length=64)
+    full = evaluate(model, tok, bench, limit=4, **kw)
+    res = evaluate(model, tok, bench, reference=full, limit=2, **kw)
+    assert res["metrics"]["privleak"] == 0.0       # the model against itself, on its first 2 excerpts
