@@ -1,9 +1,10 @@
 """Dashboard entry: `streamlit run dashboard/app.py [-- --runs PATH]`.
 
-The sidebar picks a runs root (text input; default --runs, else $LAB_RUNS, else `runs`), filters its runs
-by benchmark / method / model / protocol / kind and selects the runs every page shows (their paths are
-in st.session_state["selected_runs"]). Pages live in dashboard/views/ (not pages/, so Streamlit's
-automatic multipage mode stays off and st.navigation decides the order).
+The sidebar picks a runs root (text input; default --runs, else $LAB_RUNS, else `runs`), an experiment
+(config.yaml `experiment`: the notebook and section, or --tag, that made the runs; default the latest),
+filters its runs by benchmark / method / model / protocol / kind and selects the runs every page shows
+(their paths are in st.session_state["selected_runs"]). Pages live in dashboard/views/ (not pages/, so
+Streamlit's automatic multipage mode stays off and st.navigation decides the order).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ PAGES = [  # (file, title, icon, url path)
 ]
 FILTER_KEYS = ["benchmark", "method", "model", "protocol", "kind"]
 MAX_DEFAULT_RUNS = 12
+EXPERIMENT_KEY, ALL_RUNS = "experiment", "(all runs)"
 
 
 def default_root() -> str:
@@ -64,6 +66,17 @@ def sidebar() -> None:
     if table.empty:
         sb.info(f"No runs under `{root}` yet.")
     mask = [True] * len(table)
+    experiments = runs_views.experiment_options(table)
+    if len(experiments) > 1 or (experiments and experiments[0] != runs_views.UNTAGGED):
+        # many runs (a demo makes ~35): one experiment at a time, the latest by default
+        choices = [ALL_RUNS, *experiments]
+        if st.session_state.get(EXPERIMENT_KEY) not in choices:
+            st.session_state[EXPERIMENT_KEY] = experiments[0]
+        chosen = sb.selectbox("Experiment", choices, key=EXPERIMENT_KEY,
+                              format_func=lambda e: f"↳ {e.split('/', 1)[1]}" if "/" in e else e,
+                              help="notebook (and section) or --tag that made the runs (config.yaml `experiment`)")
+        if chosen != ALL_RUNS:
+            mask = runs_views.in_experiment(table, chosen).tolist()
     for key in FILTER_KEYS:
         values = sorted({str(v) for v in table[key].dropna()}) if len(table) else []
         if len(values) < 2:

@@ -11,6 +11,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from lab import runs_views
+
 PALETTE = qualitative.Plotly + qualitative.D3
 TASK_PALETTE = qualitative.Set1
 SIGN_COLORS = {"pos": "rgba(44,160,44,0.10)", "neg": "rgba(214,39,40,0.10)"}
@@ -28,6 +30,27 @@ ALIGN_SERIES = {"align_f": "A_f = <g_f,d>/||g_f||²", "align_r": "A_r = <g_r,d>/
 def run_colors(labels) -> dict:
     """Stable colour per run label (sorted order), shared by every page."""
     return {lab: PALETTE[i % len(PALETTE)] for i, lab in enumerate(sorted(set(labels)))}
+
+
+def method_of(label: str) -> str | None:
+    """The method in a run label (lab.runs_views.run_label: 'method [protocol] #digest'), else None."""
+    return label.split(" ", 1)[0] if isinstance(label, str) and " #" in label else None
+
+
+def group_legend_by_method(fig: go.Figure) -> go.Figure:
+    """Legend entries of runs of one method together under the method's name (dozens of runs stay
+    readable); clicking an entry toggles that run, clicking the method's title toggles them all."""
+    titled = set()
+    for trace in fig.data:
+        method = method_of(trace.name)
+        if method is None:
+            continue
+        trace.legendgroup = method
+        if method not in titled and trace.showlegend is not False:
+            trace.legendgrouptitle = dict(text=method)
+            titled.add(method)
+    fig.update_layout(legend=dict(groupclick="toggleitem", tracegroupgap=6))
+    return fig
 
 
 def smooth(values: pd.Series, window: int) -> pd.Series:
@@ -106,7 +129,7 @@ def geometry_figure(trace: pd.DataFrame, window: int = 1) -> go.Figure:
     fig.update_yaxes(title_text="cosine", range=[-1.05, 1.05], row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
     fig.update_layout(title="Gradient geometry", height=600, legend=dict(groupclick="toggleitem"))
-    return fig
+    return group_legend_by_method(fig)
 
 
 def norms_figure(trace: pd.DataFrame, window: int = 1) -> go.Figure:
@@ -117,7 +140,7 @@ def norms_figure(trace: pd.DataFrame, window: int = 1) -> go.Figure:
     _run_lines(fig, trace, NORM_SERIES, window, run_colors(trace["label"]))
     fig.update_layout(title="Gradient norms", xaxis_title="step", yaxis_title="norm", yaxis_type="log",
                       height=400)
-    return fig
+    return group_legend_by_method(fig)
 
 
 def lr_figure(trace: pd.DataFrame) -> go.Figure:
@@ -141,7 +164,7 @@ def lr_figure(trace: pd.DataFrame) -> go.Figure:
                 hovertemplate="step %{x}<br>lr %{y:.3g}<br>L_R(-,0,+) = %{customdata}<extra></extra>"))
     fig.update_layout(title="Learning rate (AutoLR probes marked; open = fit rejected, lr kept)",
                       xaxis_title="step", yaxis_title="lr", yaxis_type="log", height=350)
-    return fig
+    return group_legend_by_method(fig)
 
 
 def loss_figure(trace: pd.DataFrame, window: int = 1) -> go.Figure:
@@ -151,7 +174,7 @@ def loss_figure(trace: pd.DataFrame, window: int = 1) -> go.Figure:
     _run_lines(fig, trace, LOSS_SERIES, window, run_colors(trace["label"]))
     fig.update_layout(title="Forget and retain loss per step", xaxis_title="step", yaxis_title="loss",
                       height=380)
-    return fig
+    return group_legend_by_method(fig)
 
 
 # ---------------------------------------------------------------- alignment (BLUR fig. 2)
@@ -206,7 +229,7 @@ def alignment_figure(trace: pd.DataFrame, window: int = 1, scale: str = "linear"
     fig.update_xaxes(title_text="step", row=2, col=1)
     fig.update_layout(title="Alignment of the update d with each objective (green: improves, red: worsens)",
                       height=600)
-    return fig
+    return group_legend_by_method(fig)
 
 
 def alignment_scatter(trace: pd.DataFrame, scale: str = "linear") -> go.Figure:
@@ -232,15 +255,19 @@ def alignment_scatter(trace: pd.DataFrame, scale: str = "linear") -> go.Figure:
                       xaxis=dict(title="A_f" + unit, range=[-lx, lx], zeroline=True, zerolinecolor="gray"),
                       yaxis=dict(title="A_r" + unit, range=[-ly, ly], zeroline=True, zerolinecolor="gray"),
                       height=450)
-    return fig
+    return group_legend_by_method(fig)
 
 
 # ---------------------------------------------------------------- trade-offs (NGDiff fig. 1, ALKN fig. 4)
-def tradeoff_figure(points: pd.DataFrame, utility: str, forgetting: str, *, forget_higher: bool,
+def tradeoff_figure(points: pd.DataFrame, utility: str, forgetting: str, *, forget_higher: bool | None = None,
                     change: bool = False) -> go.Figure:
     """Utility (y) vs forgetting (x): one marker per single run (coloured by run), continual runs one
     marker per task (coloured by task, symbol per run), the target as a star, the Pareto front of the
-    unlearned points (target excluded) as a dashed line."""
+    unlearned points (target excluded) as a dashed line. Directions come from lab.runs_views.METRICS
+    (forget_higher overrides the forgetting one); with change=True x is already "more forgotten = larger"."""
+    if forget_higher is None:
+        forget_higher = runs_views.higher_is_better(forgetting)
+    utility_higher = runs_views.higher_is_better(utility)
     xlabel = f"{'change of ' if change else ''}{forgetting}"
     title = f"{utility} vs {xlabel}"
     if points.empty:
@@ -274,16 +301,17 @@ def tradeoff_figure(points: pd.DataFrame, utility: str, forgetting: str, *, forg
     # the front over the unlearned models (the untouched target would trivially sit on it)
     front_x_higher = True if change else forget_higher
     runs_only = points[points["kind"] != "target"]
-    on = pareto_front(runs_only["forgetting"], runs_only["utility"], x_higher=front_x_higher, y_higher=True)
+    on = pareto_front(runs_only["forgetting"], runs_only["utility"], x_higher=front_x_higher,
+                      y_higher=utility_higher)
     if on.any():
         f = runs_only[on].sort_values("forgetting")
         fig.add_trace(go.Scatter(x=f["forgetting"], y=f["utility"], mode="lines", name="Pareto front",
                                  meta="pareto", line=dict(color="black", dash="dash", width=1.5),
                                  hoverinfo="skip"))
-    better = "right" if front_x_higher else "left"
-    fig.update_layout(title=f"{title} (better: up and {better}; task colours = continual task index)",
+    better = f"{'up' if utility_higher else 'down'} and {'right' if front_x_higher else 'left'}"
+    fig.update_layout(title=f"{title} (better: {better}; task colours = continual task index)",
                       xaxis_title=xlabel, yaxis_title=utility, height=520)
-    return fig
+    return group_legend_by_method(fig)
 
 
 # ---------------------------------------------------------------- continual
@@ -306,7 +334,7 @@ def continual_forget_figure(long: pd.DataFrame, metric: str = "forget_rouge") ->
     fig.update_layout(title=f"{metric} of each task's forget set after each task", xaxis_title="checkpoint",
                       yaxis_title=metric, height=450)
     fig.update_xaxes(categoryorder="array", categoryarray=order)
-    return fig
+    return group_legend_by_method(fig)
 
 
 def continual_utility_figure(long: pd.DataFrame, metric: str = "model_utility") -> go.Figure:
@@ -325,7 +353,7 @@ def continual_utility_figure(long: pd.DataFrame, metric: str = "model_utility") 
     fig.update_layout(title=f"{metric} after each task (solid: sequential, dashed: independent, dotted: joint)",
                       xaxis_title="checkpoint", yaxis_title=metric, height=420)
     fig.update_xaxes(categoryorder="array", categoryarray=order)
-    return fig
+    return group_legend_by_method(fig)
 
 
 def cascading_figure(table: pd.DataFrame, metric: str = "forget_prob") -> go.Figure:
@@ -424,4 +452,5 @@ def metrics_bar_figure(table: pd.DataFrame, metrics) -> go.Figure:
     fig = go.Figure([go.Bar(x=metrics, y=[row[m] for m in metrics], name=row["label"],
                             marker_color=colors[row["label"]]) for _, row in table.iterrows()])
     fig.update_layout(barmode="group", title="Final metrics per run", yaxis_title="value", height=400)
-    return fig
+    return group_legend_by_method(fig)
+

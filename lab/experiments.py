@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -101,19 +102,54 @@ def _config_key(cfg: UnlearnConfig) -> str:
     return json.dumps({**dataclasses.asdict(cfg), "save_model": None, **resolved}, sort_keys=True, default=str)
 
 
+def notebook_section() -> str | None:
+    """The '## ' heading above the notebook cell now executing, or None outside a notebook that
+    lab.report.run_notebook started (it names the source in $LAB_NOTEBOOK; IPython's In[-1] is the cell)."""
+    from lab.report import NOTEBOOK_ENV
+    path = os.environ.get(NOTEBOOK_ENV)
+    try:
+        from IPython import get_ipython
+        shell = get_ipython() if path else None
+        current = shell.user_ns["In"][-1].strip() if shell is not None else None
+        cells = json.loads(Path(path).read_text())["cells"] if current else []
+    except (ImportError, KeyError, IndexError, OSError, ValueError):
+        return None
+    heading = None
+    for cell in cells:
+        src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        if cell["cell_type"] == "markdown":
+            heading = next((line[3:].strip() for line in src.splitlines() if line.startswith("## ")), heading)
+        elif src.strip() == current:
+            return heading
+    return None
+
+
+def experiment_tag(section: str | None = None) -> str | None:
+    """'<experiment>/<section>' for the runs a grid makes: the experiment from lab.runs (the notebook, or a
+    user tag), the section given or the notebook heading above the running cell."""
+    base, section = runs.current_experiment(), section or notebook_section()
+    return f"{base}/{section}" if base and section else (base or section)
+
+
 def run_grid(methods, base: UnlearnConfig, overrides_per_method: dict | None = None, progress: bool = True,
-             reuse: pd.DataFrame | None = None) -> pd.DataFrame:
+             reuse: pd.DataFrame | None = None, section: str | None = None) -> pd.DataFrame:
     """One run per entry of `methods` from the config `base` (UnlearnConfig fields overridden per entry).
 
     methods: ["ga", "gru_ga", ...] or {"GRU-GA gamma=0.1": {"method": "gru_ga", "method_args": {"gamma": 0.1}}}.
     overrides_per_method: {label: {UnlearnConfig field: value}} applied on top.
     reuse: rows of earlier grids; an entry whose config equals a finished run there is not run again (its
     row comes back under the new label), unless it wants saved weights and that run did not save them.
+    section: tags the runs '<experiment>/<section>' (lab.runs.experiment; default: the notebook heading).
     Returns one row per run: label, method, status ("done" | "diverged"), seconds (wall time), steps,
     run_id, run_dir, error, and every metric of the final "unlearned" evaluation. A diverged run keeps its
     directory and its row (no metrics); any other failure raises."""
     if not isinstance(base, UnlearnConfig):
         raise TypeError(f"run_grid: base must be a lab.engine.UnlearnConfig, got {type(base).__name__}")
+    with runs.experiment(experiment_tag(section)):
+        return _run_grid(methods, base, overrides_per_method, progress, reuse)
+
+
+def _run_grid(methods, base, overrides_per_method, progress, reuse) -> pd.DataFrame:
     rows = []
     earlier = {} if reuse is None or "config_key" not in reuse else {
         k: r for k, r in zip(reuse["config_key"], reuse.to_dict("records")) if r["status"] == "done"}

@@ -204,7 +204,8 @@ def run_notebook(name: str, profile: str = CPU_PROFILE, out: str | os.PathLike =
     started = time.time()
     try:
         pm.execute_notebook(str(src), str(tmp), parameters=values, kernel_name=KERNEL, language="python",
-                            progress_bar=progress, cwd=os.getcwd(), execution_timeout=timeout)
+                            progress_bar=progress, cwd=os.getcwd(), execution_timeout=timeout,
+                            extra_arguments=[_experiment_exec_line(f"{name} ({profile})", src)])
     except pm.PapermillExecutionError as e:
         os.replace(tmp, failed)
         source = "\n".join(e.source.splitlines()[:8])
@@ -226,6 +227,17 @@ def run_notebook(name: str, profile: str = CPU_PROFILE, out: str | os.PathLike =
     os.replace(tmp, final)
     failed.unlink(missing_ok=True)
     return final, html
+
+
+NOTEBOOK_ENV = "LAB_NOTEBOOK"   # the executing notebook's source: lab.experiments finds section headings in it
+
+
+def _experiment_exec_line(tag: str, src: Path) -> str:
+    """Kernel option that tags the runs the notebook makes (lab.runs.EXPERIMENT_ENV, in the kernel only:
+    notebooks run side by side share this process's environment)."""
+    from lab.runs import EXPERIMENT_ENV
+    return (f"--IPKernelApp.exec_lines=import os; os.environ[{EXPERIMENT_ENV!r}] = {tag!r}; "
+            f"os.environ[{NOTEBOOK_ENV!r}] = {str(src)!r}")
 
 
 def run_notebooks(names: list[str] | None = None, profile: str = CPU_PROFILE,

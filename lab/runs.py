@@ -82,7 +82,28 @@ EVAL_INDEX = ["step", "epoch", "task", "eval_task", "checkpoint"]
 PROBE_PREFIX = "probe:"
 PROBES = ("relearn", "quant8", "quant4", "paraphrase", "fewshot")   # lab.probes, in report order
 # Columns identifying a run in list/long-form tables (read from config.yaml).
-RUN_KEYS = ["kind", "method", "model", "benchmark", "protocol", "seed"]
+RUN_KEYS = ["kind", "method", "model", "benchmark", "protocol", "seed", "experiment"]
+# The experiment a run belongs to (config.yaml `experiment`): "<notebook>/<section>" for runs a notebook
+# made (lab.report.run_notebook sets the env var in its kernel, lab.experiments adds the section), a
+# user's `--tag` for lab unlearn / continual, else none. The dashboard picks runs by it.
+EXPERIMENT_ENV = "LAB_EXPERIMENT"
+_experiments: list[str] = []
+
+
+@contextlib.contextmanager
+def experiment(tag: str | None):
+    """Every run created inside the block gets `experiment: tag` in its config (None: no change)."""
+    _experiments.append(tag)
+    try:
+        yield
+    finally:
+        _experiments.pop()
+
+
+def current_experiment() -> str | None:
+    """The innermost experiment() tag, else $LAB_EXPERIMENT, else None."""
+    tags = [t for t in _experiments if t]
+    return tags[-1] if tags else os.environ.get(EXPERIMENT_ENV) or None
 
 
 # ---------------------------------------------------------------- atomic file writes
@@ -397,6 +418,8 @@ def create_run(config: dict, root: str | os.PathLike = "runs", run_id: str | Non
     KeyboardInterrupt naming the directory) propagates.
     """
     config = {**config, "lab_version": lab.__version__}
+    if not config.get("experiment") and current_experiment():
+        config["experiment"] = current_experiment()
     Path(root).mkdir(parents=True, exist_ok=True)
     if run_id:
         path = Path(root) / run_id

@@ -17,6 +17,7 @@ status, errors, like lab.runs.RunRecord) and returns a long or wide DataFrame:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -24,28 +25,87 @@ from lab import runs
 
 MASK_COUNTS = runs.MASK_COUNTS   # lab.continual: per task and tensor active counts (ALKN)
 
-# Metric -> True if larger is better. Decides the Pareto front and the "change from initial" sign.
-HIGHER_IS_BETTER = {
-    "model_utility": True, "model_utility_trouge": True, "trouge": True, "knowmem_retain_rouge_f1": True,
-    "retain_rouge": True, "retain_prob": True, "forget_quality": True,
-    "forget_rouge": False, "forget_prob": False, "forget_truth_ratio": False, "verbmem_rouge_f1": False,
-    "knowmem_forget_rouge_f1": False, "mia_min_k_auc": False, "mia_loss_auc": False, "mia_zlib_auc": False,
-    "forget_min_k": True,
+# ---------------------------------------------------------------- metric directions
+# THE table of metric directions: every trade-off axis, Pareto front and "change from initial" sign reads
+# it. role "forget": better = more forgotten (the retain model scores better than the memorising target);
+# role "utility": better = more knowledge kept; role "info": no direction (not an axis). `higher`: whether
+# a larger value is better for that role; `range`: the values the metric can take. tests/test_runs_views.py
+# derives each direction from a memorising target vs its retain model. A new metric: one line here.
+class MetricSpec(NamedTuple):
+    role: str                     # "forget" | "utility" | "info" (no direction)
+    higher: bool                  # larger is better for the role
+    range: tuple = (0.0, 1.0)     # the values the metric can take
+    axis: bool = True             # offered as a trade-off axis
+
+
+INF = math.inf
+
+
+def _forget(higher: bool, range=(0.0, 1.0), axis=True) -> MetricSpec:
+    return MetricSpec("forget", higher, range, axis)
+
+
+def _utility(axis=True) -> MetricSpec:
+    return MetricSpec("utility", True, (0.0, 1.0), axis)
+
+
+METRICS = {
+    # utility (TOFU: retain / real authors / world facts; MUSE: KnowMem on retain; ALKN: T-Rouge)
+    "model_utility": _utility(), "model_utility_trouge": _utility(), "trouge": _utility(),
+    "knowmem_retain_rouge_f1": _utility(), "retain_rouge": _utility(), "retain_prob": _utility(),
+    "retain_truth_ratio": _utility(axis=False),       # mean max(0, 1 - R)
+    "real_authors_rouge": _utility(axis=False), "real_authors_prob": _utility(axis=False),
+    "real_authors_truth_ratio": _utility(axis=False), "world_facts_rouge": _utility(axis=False),
+    "world_facts_prob": _utility(axis=False), "world_facts_truth_ratio": _utility(axis=False),
+    # forgetting
+    "forget_rouge": _forget(False),
+    "forget_quality": _forget(True),                  # KS p-value vs the retain model: 1 = indistinguishable
+    "forget_prob": _forget(False),
+    "forget_truth_ratio": _forget(True),              # mean min(R, 1/R): 1 = paraphrase and perturbed alike
+    "privleak": _forget(True, (-100.0, INF), axis=False),  # %: memorising ~ -100, retain 0, > 0 over-unlearned
+    "forget_min_k": _forget(False, (-INF, 0.0)),      # mean Min-K% log-prob: high = member-like
+    "verbmem_rouge_f1": _forget(False), "knowmem_forget_rouge_f1": _forget(False),
+    "forget_exact_memorization": _forget(False),      # EM: share of answer tokens the model predicts (argmax)
+    "forget_extraction_strength": _forget(False),     # ES: 1 - shortest prefix share that extracts the rest
+    # membership-inference AUCs (forget = members, holdout = non-members): ~1 memorised, ~0.5 retain
+    "mia_loss_auc": _forget(False), "mia_min_k_auc": _forget(False), "mia_zlib_auc": _forget(False),
+    "mia_min_k_plus_plus_auc": _forget(False), "mia_gradnorm_auc": _forget(False),
+    "mia_reference_auc": _forget(False),              # vs the retain model as reference (undefined on itself)
+    # robustness probes (lab.probes): (probe - unlearned) / (target - unlearned), 0 = nothing came back
+    "recovery_rouge": _forget(False, (-INF, INF), axis=False), "recovery_prob": _forget(False, (-INF, INF), axis=False),
+    # no direction
+    "mia_min_k": MetricSpec("info", True, (0.0, 1.0), axis=False),   # the K of Min-K%: a setting
 }
-UTILITY_METRICS = ["model_utility", "model_utility_trouge", "knowmem_retain_rouge_f1", "retain_rouge",
-                   "retain_prob", "trouge"]
-FORGET_METRICS = ["forget_rouge", "forget_quality", "verbmem_rouge_f1", "knowmem_forget_rouge_f1",
-                  "forget_prob", "forget_truth_ratio", "mia_min_k_auc"]
-SUMMARY_METRICS = ["model_utility", "forget_rouge", "forget_quality", "forget_prob", "privleak",
-                   "verbmem_rouge_f1", "knowmem_forget_rouge_f1", "knowmem_retain_rouge_f1"]
-UNIT_METRICS = [m for m in SUMMARY_METRICS if m != "privleak"]   # in [0, 1]: one bar chart axis
-HOVER_KEYS = ["method", "kind", "protocol", "lr", "epochs", "max_steps", "batch_size", "seed", "model",
-              "benchmark", "method_args"]
+# Metric -> True if larger is better (kept for callers of the old name; derived from METRICS)
+HIGHER_IS_BETTER = {m: s.higher for m, s in METRICS.items() if s.role != "info"}
+
+
+def metric_spec(metric: str) -> MetricSpec:
+    """The METRICS entry; a metric not listed counts as forget-like (lower is better) when its name says
+    forget_/mia_/verbmem, else utility-like (higher is better), range unknown, and is no axis."""
+    if metric in METRICS:
+        return METRICS[metric]
+    forget = metric.startswith(("forget_", "mia_", "verbmem"))
+    return MetricSpec("forget" if forget else "utility", not forget, (-INF, INF), axis=False)
 
 
 def higher_is_better(metric: str) -> bool:
-    """Direction of a metric; unknown metrics count as utility-like (larger is better)."""
-    return HIGHER_IS_BETTER.get(metric, not metric.startswith(("forget_", "mia_", "verbmem")))
+    """Direction of a metric for its role (METRICS); unknown metrics: see metric_spec."""
+    return metric_spec(metric).higher
+
+
+def axis_metrics(role: str) -> list[str]:
+    """The metrics of one role ('forget' / 'utility') offered as trade-off axes, in table order."""
+    return [m for m, s in METRICS.items() if s.role == role and s.axis]
+
+
+UTILITY_METRICS = axis_metrics("utility")
+FORGET_METRICS = axis_metrics("forget")
+SUMMARY_METRICS = ["model_utility", "forget_rouge", "forget_quality", "forget_prob", "privleak",
+                   "verbmem_rouge_f1", "knowmem_forget_rouge_f1", "knowmem_retain_rouge_f1"]
+UNIT_METRICS = [m for m in SUMMARY_METRICS if metric_spec(m).range == (0.0, 1.0)]   # one bar chart axis
+HOVER_KEYS = ["method", "kind", "protocol", "lr", "epochs", "max_steps", "batch_size", "seed", "model",
+              "benchmark", "method_args"]
 
 
 def run_label(rec) -> str:
@@ -118,6 +178,32 @@ def trace_table(records) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True)
     front = ["run_id", "label", "method", "kind", "protocol"]
     return df[front + [c for c in df.columns if c not in front]]
+
+
+# ---------------------------------------------------------------- experiments (config.yaml `experiment`)
+UNTAGGED = "(untagged)"
+
+
+def experiment_options(table: pd.DataFrame) -> list[str]:
+    """The experiments of a runs_table (its `experiment` and `run_id` columns; run ids start with the
+    start time), the one of the latest run first: each top level ('<notebook> (<profile>)' or a user's
+    --tag) followed by its sections ('<top>/<section>') in the order they ran; UNTAGGED for runs without."""
+    if table.empty:
+        return []
+    exp = table["experiment"].fillna(UNTAGGED).astype(str)
+    top = exp.str.split("/", n=1).str[0]
+    latest = table["run_id"].groupby(top).max().sort_values(ascending=False)
+    first = table["run_id"].groupby(exp).min()
+    out = []
+    for t in latest.index:
+        out += [t, *sorted((e for e in first.index if e.startswith(t + "/")), key=first.get)]
+    return out
+
+
+def in_experiment(table: pd.DataFrame, choice: str) -> pd.Series:
+    """Rows of a runs_table in experiment `choice` (a top level includes all its sections)."""
+    exp = table["experiment"].fillna(UNTAGGED).astype(str)
+    return (exp == choice) | exp.str.startswith(choice + "/")
 
 
 # ---------------------------------------------------------------- trade-offs
@@ -296,14 +382,16 @@ def task_diagnostics_table(records) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- per-row inspection
-ROW_COLUMNS = ["question", "answer", "generation", "rouge", "prob", "truth_ratio"]
+ROW_COLUMNS = ["question", "answer", "generation", "rouge", "prob", "truth_ratio", "exact_memorization",
+               "extraction_strength"]
 
 
 def generations_table(runs_rows, set_name: str, row: int) -> pd.DataFrame:
     """One row per (run, checkpoint, step) holding that question's generation.
 
     runs_rows: list of (record, rows DataFrame). Columns: label, checkpoint, task, step, question,
-    answer, generation, rouge, prob, truth_ratio (those present), run_id."""
+    answer, generation, rouge, prob, truth_ratio, exact_memorization, extraction_strength (those present),
+    run_id."""
     frames = []
     for rec, rows in runs_rows:
         if rows is None or rows.empty or "set" not in rows or "row" not in rows:

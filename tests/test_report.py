@@ -218,3 +218,27 @@ def test_dashboard_started_from_another_folder_listens_on_localhost_only(tmp_pat
     # usage statistics: only the browser learns the setting (websocket), so check what the lab passes
     cmd = report.dashboard_command("runs", port)
     assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
+
+
+def test_runs_made_by_a_notebook_are_tagged_with_notebook_and_section(tmp_path):
+    """run_notebook tags the kernel's runs '<notebook> (<profile>)'; lab.experiments adds the '## ' heading
+    above the cell that runs the grid (here: experiment_tag(), what run_grid uses)."""
+    from lab import runs
+    make = ("from lab import runs, experiments\n"
+            "with runs.experiment(experiments.experiment_tag()):\n"
+            "    with runs.create_run({'kind': 'unlearn', 'method': '%s'}, root=runs_root):\n"
+            "        pass")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell("runs_root = 'runs'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Tagged"), params, nbformat.v4.new_code_cell(make % "ga"),
+                nbformat.v4.new_markdown_cell("Some text\n\n## 2. Table 3: a / b"), nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_markdown_cell("### a sub-heading"), nbformat.v4.new_code_cell(make % "npo")]
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    nbformat.write(nb, books / "tagged.ipynb")
+    report.run_notebook("tagged", out=tmp_path / "out", runs_root=tmp_path / "runs", notebooks=books, progress=False)
+    tags = {r.config["method"]: r.config.get("experiment") for r in map(runs.load_run, runs.find_runs(tmp_path / "runs"))}
+    assert tags == {"ga": "tagged (cpu)", "npo": "tagged (cpu)/2. Table 3: a / b"}
+    assert runs.current_experiment() is None and os.environ.get(runs.EXPERIMENT_ENV) is None   # this process untouched

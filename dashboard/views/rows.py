@@ -34,7 +34,8 @@ st.markdown(f"**Question** ({set_name} row {row})")
 st.write(first.get("question", ""))
 st.markdown("**Ground truth**")
 st.write(first.get("answer", ""))
-metrics = [c for c in ("rouge", "prob", "truth_ratio") if c in table]
+metrics = [c for c in ("rouge", "prob", "truth_ratio", "exact_memorization", "extraction_strength") if c in table]
+SHORT = {"exact_memorization": "EM", "extraction_strength": "ES"}
 st.dataframe(table.drop(columns=[c for c in ("question", "answer", "generation") if c in table]),
              hide_index=True, width="stretch")
 st.markdown("**Generations**")
@@ -42,7 +43,7 @@ for _, r in table.iterrows():
     with st.container(border=True):
         where = " · ".join(f"{k} {r[k]:g}" if isinstance(r[k], float) else f"{k} {r[k]}"
                            for k in ("task", "step") if k in r and pd.notna(r[k]))
-        scores = " · ".join(f"{m} {r[m]:.3f}" for m in metrics if pd.notna(r[m]))
+        scores = " · ".join(f"{SHORT.get(m, m)} {r[m]:.3f}" for m in metrics if pd.notna(r[m]))
         st.markdown(f"**{r['label']}** — {r['checkpoint']}" + (f" ({where})" if where else "")
                     + (f" — {scores}" if scores else ""))
         text = r.get("generation")

@@ -27,8 +27,7 @@ forgetting = c2.selectbox("Forgetting (x)", forgettings, key="tradeoff_forgettin
 change = c3.checkbox("as change from initial", key="tradeoff_change",
                      help="x = how much the metric moved towards forgetting since the initial model (ALKN fig. 4)")
 points = runs_views.tradeoff_table(records, utility, forgetting, change=change)
-fig = figures.tradeoff_figure(points, utility, forgetting, forget_higher=runs_views.higher_is_better(forgetting),
-                              change=change)
+fig = figures.tradeoff_figure(points, utility, forgetting, change=change)   # directions: runs_views.METRICS
 st.plotly_chart(fig, width="stretch")
 st.dataframe(points.drop(columns=["hover"]), hide_index=True, width="stretch")
 data.download_csv(points.drop(columns=["hover"]), "tradeoffs.csv")
