@@ -29,6 +29,7 @@ PAGES = [  # (file, title, icon, url path)
     ("geometry.py", "Gradient geometry", ":material/explore:", "geometry"),
     ("alignment.py", "Alignment", ":material/balance:", "alignment"),
     ("tradeoffs.py", "Trade-offs", ":material/scatter_plot:", "tradeoffs"),
+    ("robustness.py", "Robustness", ":material/shield:", "robustness"),
     ("continual.py", "Continual", ":material/timeline:", "continual"),
     ("masks.py", "Mask overlap", ":material/grid_on:", "masks"),
     ("rows.py", "Per-row inspection", ":material/search:", "rows"),

@@ -454,3 +454,78 @@ def metrics_bar_figure(table: pd.DataFrame, metrics) -> go.Figure:
     fig.update_layout(barmode="group", title="Final metrics per run", yaxis_title="value", height=400)
     return group_legend_by_method(fig)
 
+
+# ---------------------------------------------------------------- robustness probes (METHODS §8)
+PROBE_TITLES = {"relearn": "relearning attack (held-out rows)", "quant8": "8-bit weights", "quant4": "4-bit weights",
+                "paraphrase": "paraphrased questions", "fewshot": "few-shot prefix"}
+
+
+def robustness_figure(table: pd.DataFrame, metric: str = "rouge") -> go.Figure:
+    """One panel per probe (lab.runs_views.robustness_table): per run, forget_<metric> of the final model
+    (grey bar) and under the probe (coloured bar), the target (black diamond) and the retain model as the
+    floor (red bar marker; after the same attack for relearn), all on the probe's rows."""
+    title = f"forget_{metric}: unlearned vs under each probe"
+    if table.empty:
+        return _empty(title, "no probe records among the selection")
+    probes = list(dict.fromkeys(table["probe"]))
+    fig = make_subplots(rows=1, cols=len(probes), shared_yaxes=True,
+                        subplot_titles=[PROBE_TITLES.get(p, p) for p in probes])
+    series = [("unlearned", f"unlearned_forget_{metric}", "bar", "#b0b0b0"),
+              ("under the probe", f"forget_{metric}", "bar", "#1f77b4"),
+              ("target", f"target_forget_{metric}", "diamond", "black"),
+              ("retain model (floor)", f"floor_forget_{metric}", "line-ew-open", "#d62728")]
+    for col, probe in enumerate(probes, start=1):
+        g = table[table["probe"] == probe]
+        for name, column, kind, color in series:
+            common = dict(name=name, legendgroup=name, showlegend=col == 1, meta=column,
+                          hovertemplate=f"%{{x}}<br>{name} %{{y:.4g}}<extra>{probe}</extra>")
+            if kind == "bar":
+                fig.add_trace(go.Bar(x=g["label"], y=g[column], marker_color=color, **common), row=1, col=col)
+            else:
+                fig.add_trace(go.Scatter(x=g["label"], y=g[column], mode="markers",
+                                         marker=dict(symbol=kind, size=26 if kind.startswith("line") else 11,
+                                                     color=color, line=dict(width=3, color=color)),
+                                         **common), row=1, col=col)
+    fig.update_layout(title=title, barmode="group", height=430, margin=dict(t=80),
+                      legend=dict(orientation="h", y=-0.25))
+    fig.update_yaxes(title_text=f"forget_{metric}", row=1, col=1)
+    return fig
+
+
+def recovery_figure(table: pd.DataFrame, metric: str = "rouge") -> go.Figure:
+    """Recovery fraction (probe - unlearned) / (target - unlearned) of forget_<metric>, grouped by probe,
+    one bar per run; 0 = nothing came back, 1 = back at the target."""
+    title = f"recovery of forget_{metric}: (probe - unlearned) / (target - unlearned)"
+    column = f"recovery_{metric}"
+    if table.empty or table[column].isna().all():
+        return _empty(title, "no recovery values among the selection")
+    colors = run_colors(table["label"])
+    fig = go.Figure()
+    for label, g in table.groupby("label", sort=True):
+        fig.add_trace(go.Bar(x=g["probe"], y=g[column], name=label, marker_color=colors[label], meta=column,
+                             hovertemplate="%{x}<br>recovery %{y:.3f}<extra>" + label + "</extra>"))
+    for y, dash in ((0, "solid"), (1, "dash")):
+        fig.add_hline(y=y, line=dict(color="gray", width=1, dash=dash))
+    fig.update_layout(title=title, barmode="group", xaxis_title="probe", yaxis_title="recovery fraction",
+                      height=400)
+    return fig
+
+
+def robustness_tradeoff_figure(table: pd.DataFrame, probe: str = "relearn", metric: str = "rouge") -> go.Figure:
+    """Utility of the final model (y) vs how much a probe brings back (x = recovery fraction): durable
+    forgetting at no utility cost sits top-left."""
+    title = f"model_utility vs recovery of forget_{metric} ({probe})"
+    g = table[table["probe"] == probe].dropna(subset=[f"recovery_{metric}", "model_utility"]) \
+        if not table.empty else table
+    if g.empty:
+        return _empty(title, f"no runs with a {probe} recovery and a model utility")
+    colors = run_colors(table["label"])
+    fig = go.Figure()
+    for label, r in g.groupby("label", sort=True):
+        fig.add_trace(go.Scatter(x=r[f"recovery_{metric}"], y=r["model_utility"], mode="markers+text", name=label,
+                                 text=r["method"], textposition="top center",
+                                 marker=dict(size=13, color=colors[label]),
+                                 hovertemplate=label + "<br>recovery %{x:.3f}<br>model_utility %{y:.4g}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=f"recovery fraction ({probe}, forget_{metric})",
+                      yaxis_title="model_utility (final model)", height=420)
+    return fig

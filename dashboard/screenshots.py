@@ -29,7 +29,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 APT_HINT = "sudo apt-get install -y chromium chromium-driver"
 # url path ("" = default page) -> file-name stem; the order of app.PAGES
 PAGES = {"": "overview", "geometry": "geometry", "alignment": "alignment", "tradeoffs": "tradeoffs",
-         "continual": "continual", "masks": "masks", "rows": "rows"}
+         "robustness": "robustness", "continual": "continual", "masks": "masks", "rows": "rows"}
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--hide-scrollbars"]

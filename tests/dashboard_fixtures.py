@@ -2,8 +2,9 @@
 
     from dashboard_fixtures import dashboard_runs   # in a test module (tests/ is on sys.path)
 
-Contents (names in RUNS): four unlearning runs (GRU on NPO+GD, BLUR-NPO, NGDiff with AutoLR probes, plain
-NPO with diagnostics every 2 steps), two 2-task continual runs (ALKN sequential, NPO+GD sequential), one
+Contents (names in RUNS): four unlearning runs (GRU on NPO+GD with every robustness probe, BLUR-NPO, NGDiff
+with AutoLR probes, plain NPO with diagnostics every 2 steps and the relearn + quant4 probes), two 2-task
+continual runs (ALKN sequential, NPO+GD sequential with the quant4 probe after the last task), one
 corrupt run (truncated trace.parquet, invalid summary.json) and one run still being written (status
 running, partial trace). Built once per test session - under pytest-xdist once for all workers (file
 lock in the shared base temp folder) - in about a minute on 2 cores once lab.prepare's cache exists.
@@ -22,14 +23,15 @@ from filelock import FileLock
 # fast settings: a few steps, few eval rows, short sequences
 UNLEARN = dict(max_steps=6, batch_size=8, eval_limit=4, eval_batch_size=8, max_length=128)
 UNLEARN_RUNS = {  # name -> (method, extra UnlearnConfig fields)
-    "gru": ("gru_npo_gd", dict(diagnostics=1)),
+    "gru": ("gru_npo_gd", dict(diagnostics=1, probes=["relearn", "quant8", "quant4", "paraphrase", "fewshot"])),
     "blur": ("blur_npo", dict(diagnostics=1)),
     "ngdiff": ("ngdiff_autolr", dict(diagnostics=1, method_args={"autolr_every": 3})),
-    "npo": ("npo", dict(diagnostics=2)),
+    "npo": ("npo", dict(diagnostics=2, probes=["relearn", "quant4"])),
 }
 CONTINUAL = dict(n_tasks=2, task_unit="rows", epochs=1, batch_size=8, max_length=128, eval_limit=2,
                  eval_max_new_tokens=16, eval_batch_size=8, lr=1e-3)
 CONTINUAL_RUNS = {"alkn": "alkn", "npo_gd_seq": "npo_gd"}
+CONTINUAL_PROBES = {"npo_gd_seq": ["quant4"]}   # robustness probes after the last task (lab.probes)
 BROKEN, RUNNING = "broken", "running"
 DONE_MARK = ".complete.json"     # written last: {name: run directory name}
 
@@ -45,8 +47,8 @@ def _build(root: Path) -> dict:
         made[name], seconds[name] = res.run_dir, round(time.time() - t0, 1)
     for name, method in CONTINUAL_RUNS.items():
         t0 = time.time()
-        res = continual(ContinualConfig(method=method, protocol="sequential", runs_root=str(root), **CONTINUAL),
-                        progress=False)
+        res = continual(ContinualConfig(method=method, protocol="sequential", runs_root=str(root), **CONTINUAL,
+                                        probes=CONTINUAL_PROBES.get(name, [])), progress=False)
         made[name], seconds[name] = res.run_dir, round(time.time() - t0, 1)
     # a corrupt copy: half a parquet file, summary.json that is not JSON
     broken = root / f"{made['gru'].name}-{BROKEN}"

@@ -32,7 +32,7 @@ _restore_main_after_test = pytest.fixture(autouse=True)(_keep_main_module)
 
 
 PAGES = {  # page file -> number of plotly charts with the full fixture selection
-    "overview": 2, "geometry": 3, "alignment": 2, "tradeoffs": 1, "continual": 3, "masks": 4, "rows": 0}
+    "overview": 2, "geometry": 3, "alignment": 2, "tradeoffs": 1, "robustness": 3, "continual": 3, "masks": 4, "rows": 0}
 
 
 # ---------------------------------------------------------------- figures.py (no streamlit)
@@ -213,6 +213,34 @@ def test_generations_table_shows_a_shared_initial_output_once():
     assert runs_views.generations_table([(a, rows("p", "x"))], "retain", 3).empty
 
 
+def test_robustness_table_one_row_per_probe_latest_record_and_figures():
+    def probe(name, after, unl=0.2, target=0.9, floor=0.3):
+        return dict(step=6, epoch=0, checkpoint=f"probe:{name}", probe=name, forget_rouge=after, forget_prob=after,
+                    unlearned_forget_rouge=unl, target_forget_rouge=target, floor_forget_rouge=floor,
+                    recovery_rouge=(after - unl) / (target - unl), model_utility=0.4)
+    ev = [dict(step=0, epoch=0, checkpoint="initial", model_utility=0.6, forget_rouge=0.9),
+          dict(step=6, epoch=0, checkpoint="unlearned", model_utility=0.5, forget_rouge=0.2),
+          probe("quant4", 0.3), probe("relearn", 0.55), probe("quant4", 0.25)]   # quant4 rerun: the latest counts
+    rec = _rec("20260101-000000-unlearn-npo-tiny-def456", {"kind": "unlearn", "method": "npo", "model": "tiny"}, ev)
+    table = runs_views.robustness_table([rec, _continual_rec()])          # no probe records: no rows
+    assert table["probe"].tolist() == ["relearn", "quant4"]               # lab.runs.PROBES order
+    assert table["forget_rouge"].tolist() == pytest.approx([0.55, 0.25])
+    assert table["recovery_rouge"].tolist() == pytest.approx([0.5, 0.05 / 0.7])
+    assert table["model_utility"].tolist() == [0.5, 0.5] and table["probe_model_utility"].tolist() == [0.4, 0.4]
+    assert runs_views.final_record(rec)["checkpoint"] == "unlearned"       # probes are not the final record
+    fig = figures.robustness_figure(table, "rouge")
+    assert [a.text for a in fig.layout.annotations] == ["relearning attack (held-out rows)", "4-bit weights"]
+    floor = [t for t in fig.data if t.meta == "floor_forget_rouge"]
+    assert len(floor) == 2 and list(floor[0].y) == [0.3]
+    rec_fig = figures.recovery_figure(table, "rouge")
+    assert list(rec_fig.data[0].x) == ["relearn", "quant4"]
+    trade = figures.robustness_tradeoff_figure(table, "relearn", "rouge")
+    assert list(trade.data[0].x) == pytest.approx([0.5]) and list(trade.data[0].y) == [0.5]
+    assert runs_views.robustness_table([_continual_rec()]).empty
+    empty = figures.robustness_figure(runs_views.robustness_table([]), "rouge")
+    assert empty.layout.annotations[0].text == "no probe records among the selection"
+
+
 def test_layer_active_table_groups():
     counts = pd.DataFrame({"task": [0, 0, 0], "name": ["a", "b", "c"], "layer": [0, 0, None],
                            "module": ["mlp", "attn", "embed"], "active": [1, 3, 10], "numel": [10, 10, 100]})
@@ -349,6 +377,24 @@ def test_tradeoffs_page_spec(app_pages, dashboard_runs):
     assert "lr=" in alkn["text"][0] and "task 1" in alkn["text"][1]
     assert fig["layout"]["xaxis"]["title"]["text"] == "forget_rouge"
     assert fig["layout"]["yaxis"]["title"]["text"] == "model_utility"
+
+
+def test_robustness_page_spec(app_pages, dashboard_runs):
+    panels, recovery, trade = app_pages["robustness"].specs
+    titles = [a["text"] for a in panels["layout"]["annotations"]]
+    assert titles[0] == "relearning attack (held-out rows)" and len(titles) == 5      # every probe of the gru run
+    floor = [t for t in panels["data"] if t.get("meta") == "floor_forget_rouge"]
+    assert len(floor) == 5 and any(x.startswith("gru_npo_gd #") for x in floor[0]["x"])
+    relearn_x = floor[0]["x"]
+    assert any(x.startswith("npo #") for x in relearn_x)                               # npo: relearn + quant4
+    assert any(x.startswith("npo_gd [sequential]") for x in floor[2]["x"])            # continual: quant4 after task 1
+    assert recovery["layout"]["yaxis"]["title"]["text"] == "recovery fraction"
+    assert trade["layout"]["yaxis"]["title"]["text"] == "model_utility (final model)"
+    table = app_pages["robustness"].dataframes[0]
+    from lab import runs
+    gru = runs.load_run(dashboard_runs["gru"]).probe_evals.set_index("probe")
+    row = table[(table["run_id"] == dashboard_runs["gru"].name) & (table["probe"] == "relearn")].iloc[0]
+    assert row["recovery_rouge"] == pytest.approx(gru.loc["relearn", "recovery_rouge"], nan_ok=True)
 
 
 def test_continual_page_spec(app_pages):

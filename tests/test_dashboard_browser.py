@@ -10,7 +10,7 @@ from dashboard import screenshots
 
 from dashboard_fixtures import dashboard_runs  # noqa: F401  (session fixture)
 
-MIN_CHARTS = {"overview": 2, "geometry": 3, "alignment": 2, "tradeoffs": 1, "continual": 3, "masks": 4, "rows": 0}
+MIN_CHARTS = {"overview": 2, "geometry": 3, "alignment": 2, "tradeoffs": 1, "robustness": 3, "continual": 3, "masks": 4, "rows": 0}
 
 
 @pytest.fixture(scope="module")
