@@ -135,7 +135,7 @@ def warn_problems(records) -> None:
                        f"{len(rec.trace)} trace rows so far); rerun the page to refresh.",
                        icon=":material/hourglass_top:")
         elif rec.status != "done":
-            err = (rec.summary or {}).get("error")
+            err = rec.status_note   # lab.runs: a stale run's vanished writer, a stopped run's error
             st.warning(f"**{label}** (`{rec.run_id}`): status {rec.status}" + (f" - {err}" if err else ""),
                        icon=":material/warning:")
 

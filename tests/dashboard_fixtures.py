@@ -85,3 +85,40 @@ def dashboard_runs(prepared_tiny, tmp_path_factory) -> dict:
             made = _build(root)
             mark.write_text(json.dumps({k: Path(v).name for k, v in made.items()}))
     return {"root": root, **made}
+
+
+# every broken shape of every run file (lab.runs validates each on read): shape -> (file, content; None = cut
+# the good file in half)
+CORRUPT_SHAPES = {
+    "summary-list": ("summary.json", "[1, 2]"), "summary-scalar": ("summary.json", "3"),
+    "summary-truncated": ("summary.json", '{"status": "done", "metr'), "summary-empty": ("summary.json", ""),
+    "config-list": ("config.yaml", "- a\n- b\n"), "config-scalar": ("config.yaml", "7\n"),
+    "config-truncated": ("config.yaml", "method: [npo\n"), "config-empty": ("config.yaml", ""),
+    "eval-list": ("eval.jsonl", '[{"step": 1}]\n'), "eval-scalar": ("eval.jsonl", '{"step": 0}\n5\n'),
+    "eval-truncated": ("eval.jsonl", '{"step": 0, "chec'), "eval-empty": ("eval.jsonl", ""),
+    "trace-truncated": ("trace.parquet", None), "trace-empty": ("trace.parquet", ""),
+}
+
+
+def write_corrupt_runs(root: Path, good: Path) -> dict:
+    """One copy of the run `good` per CORRUPT_SHAPES entry under root, with that file broken; {shape: path}."""
+    made = {}
+    for shape, (name, content) in CORRUPT_SHAPES.items():
+        path = root / f"{good.name}-{shape}"
+        shutil.copytree(good, path)
+        if content is None:
+            data = (path / name).read_bytes()
+            (path / name).write_bytes(data[: len(data) // 2])
+        else:
+            (path / name).write_text(content)
+        made[shape] = path
+    return made
+
+
+@pytest.fixture(scope="session")
+def corrupt_runs(dashboard_runs, tmp_path_factory) -> dict:
+    """{"root": Path, "good": a copy of the npo fixture run, <shape>: its broken copy for shape in CORRUPT_SHAPES}."""
+    root = tmp_path_factory.mktemp("corrupt-runs")
+    good = root / dashboard_runs["npo"].name
+    shutil.copytree(dashboard_runs["npo"], good)
+    return {"root": root, "good": good, **write_corrupt_runs(root, good)}
