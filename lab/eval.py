@@ -41,12 +41,15 @@ def _autocast(model, dtype):
 
 @torch.no_grad()
 def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_length=512,
-                   autocast_dtype=None, desc=None, progress=False, add_eos=False) -> list[torch.Tensor]:
+                   autocast_dtype=None, desc=None, progress=False, add_eos=False, stats=False) -> list:
     """Log-prob of each target token given prompt + earlier target tokens (target tokens only).
 
     add_eos: each target is followed by the EOS token, scored as its last token (the score_eos
     convention, METHODS §6; a sequence cut at max_length loses its EOS first).
     Returns one 1-D float32 tensor per (prompt, target) pair, in input order.
+    stats=True: one dict per pair instead, from the same logits: "logprob" (that tensor), "target" and
+    "argmax" (token ids: the answer and the teacher-forced prediction, for EM / ES) and "z" (the
+    Min-K%++ z-score of each target token, metrics.min_k_plus_plus_z).
     """
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
@@ -63,10 +66,32 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         mask = labels != -100
         picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        if stats:
+            extra = _token_stats(logp, labels, mask)
         picked, mask = picked.cpu(), mask.cpu()
         for j, i in enumerate(idx):
             out[i] = picked[j][mask[j]]
+        if stats:
+            per_row = zip(*(t.split(mask.sum(1).tolist()) for t in extra))
+            for i, (target, argmax, mu, var) in zip(idx, per_row):
+                z = metrics.min_k_plus_plus_z(out[i].numpy(), mu.numpy(), var.numpy())
+                out[i] = {"logprob": out[i], "target": target, "argmax": argmax,
+                          "z": torch.from_numpy(z.astype(np.float32))}
     return out
+
+
+def _token_stats(logp, labels, mask):
+    """At the target positions of a batch (flattened, row-major): target ids, argmax ids, and the mean and
+    variance of log p under the next-token distribution (Min-K%++). One exp, no extra forward."""
+    sel = logp[mask].clamp_(min=-1e4)   # a copy we own; the clamp keeps 0 * log 0 finite (exp(-1e4) = 0)
+    argmax = sel.argmax(-1)
+    p = sel.exp()
+    mu = torch.einsum("nv,nv->n", p, sel)
+    # centred E[(log p - mu)^2], in place: E[log^2 p] - mu^2 cancels badly in float32 for flat distributions
+    var = torch.einsum("nv,nv->n", p, sel.sub_(mu[:, None]).square_())
+    return labels[mask].cpu(), argmax.cpu(), mu.double().cpu(), var.double().cpu()
+
+
 
 
 @torch.no_grad()
@@ -97,6 +122,42 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.mean()) if x.numel() else float("nan")
 
 
+def gradnorm_scores(model, tokenizer, prompts, targets, *, max_length=512, autocast_dtype=None, desc=None,
+                    progress=False) -> np.ndarray:
+    """GradNorm MIA score per (prompt, target): mean over parameter tensors of the 2-norm of the gradient
+    of the row's mean target NLL (target tokens without EOS, as Min-K%; METHODS §6).
+
+    Per-sample gradients need one backward per row, so rows go one at a time (no padding either).
+    Gradients come from torch.autograd.grad over every parameter (requires_grad switched on for the
+    call), in eval mode: the model's .grad, requires_grad flags and train/eval mode are left as they were."""
+    params = list(model.parameters())
+    flags, was_training = [p.requires_grad for p in params], model.training
+    device = params[0].device
+    norms = []
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for i in tqdm(range(len(prompts)), desc=desc, disable=not progress, leave=False):
+                enc = encode_pairs(tokenizer, [prompts[i]], [targets[i]], max_length=max_length, add_eos=False)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                with _autocast(model, autocast_dtype):
+                    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+                labels = enc["labels"][:, 1:]
+                mask = labels != -100
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask].mean()
+                grads = [g for g in torch.autograd.grad(nll, params, allow_unused=True) if g is not None]
+                norms.append(torch.stack(torch._foreach_norm(grads)).float())
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    host = torch.stack(norms).cpu().numpy() if norms else np.zeros((0, 0))  # one transfer for all rows
+    return np.array([metrics.gradnorm(row) for row in host])
+
+
 # ---------------------------------------------------------------- TOFU
 def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFrame:
     """Prob, ROUGE-L recall, truth ratio (and MIA scores) for one TOFU QA set."""
@@ -106,7 +167,8 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
     eos = opts["score_eos"] and tokenizer.eos_token_id is not None
     score = dict(batch_size=opts["batch_size"], autocast_dtype=opts["autocast_dtype"],
                  progress=opts["progress"], add_eos=eos)
-    ans_lp = token_logprobs(model, tokenizer, prompts, answers, desc=f"{name}: answers", **score)
+    ans = token_logprobs(model, tokenizer, prompts, answers, desc=f"{name}: answers", stats=True, **score)
+    ans_lp = [a["logprob"] for a in ans]
     rows = pd.DataFrame({
         "set": name, "row": list(ds["row"]) if "row" in ds.column_names else range(len(ds)),
         "question": questions, "answer": answers,
@@ -115,6 +177,10 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
     })
     rows["prob"] = np.exp(-rows["loss"])
     rows["min_k"] = [metrics.min_k_percent((t[:-1] if eos else t).numpy(), opts["mia_k"]) for t in ans_lp]
+    _memorization_columns(rows, ans, opts, drop_last=eos)
+    if opts["mia_gradnorm"] and name in MIA_SETS:  # per-sample backward: only where the AUC needs it
+        rows["gradnorm"] = gradnorm_scores(model, tokenizer, prompts, answers, autocast_dtype=opts["autocast_dtype"],
+                                           desc=f"{name}: gradnorm", progress=opts["progress"])
     # open-unlearning's zlib attack: mean answer NLL / compressed answer length (checked on its logs)
     rows["zlib"] = [metrics.zlib_score(l, a) for l, a in zip(rows["loss"], answers)]
 
@@ -149,10 +215,14 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
 
 
 def evaluate_tofu(model, tokenizer, benchmark, reference=None, *, batch_size=16, max_new_tokens=None,
-                  limit=None, mia_k=0.4, autocast_dtype=None, progress=True, score_eos=True) -> dict:
-    """score_eos: answers scored with their EOS (default, TOFU / open-unlearning) or without (False)."""
-    opts = dict(batch_size=batch_size, max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["tofu"],
-                mia_k=mia_k, autocast_dtype=autocast_dtype, progress=progress, score_eos=bool(score_eos))
+                  limit=None, mia_k=0.4, autocast_dtype=None, progress=True, score_eos=True, **options) -> dict:
+    """score_eos: answers scored with their EOS (default, TOFU / open-unlearning) or without (False).
+    options (METHODS §6, recorded in result["options"]): truth_ratio_aggregators {set: aggregator name}
+    (defaults DEFAULT_TRUTH_RATIO_AGGREGATORS), privleak_score (the MIA score PrivLeak uses, "min_k"),
+    mia_gradnorm (False skips GradNorm's per-sample backward), es_no_match ("zero" or "open_unlearning")."""
+    opts = _eval_options(dict(batch_size=batch_size, max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["tofu"],
+                              mia_k=mia_k, autocast_dtype=autocast_dtype, progress=progress,
+                              score_eos=bool(score_eos)), **options)
     sets = benchmark.eval_sets
     need = ["forget", *TOFU_UTILITY_SETS, "holdout"]
     missing = [s for s in need if s not in sets]
@@ -167,11 +237,13 @@ def evaluate_tofu(model, tokenizer, benchmark, reference=None, *, batch_size=16,
     if ref_eos is not None and ref_eos != opts["score_eos"]:
         raise ValueError(f"reference was scored with score_eos={ref_eos}, this evaluation with "
                          f"score_eos={opts['score_eos']}; evaluate both under the same convention")
-    m = _tofu_metrics(rows, reference, mia_k)
-    return {"benchmark": benchmark.name, "metrics": m, "rows": rows, "options": {"score_eos": opts["score_eos"]}}
+    if reference is not None:
+        rows["reference_score"] = _reference_scores(rows, reference)
+    m = _tofu_metrics(rows, reference, opts)
+    return {"benchmark": benchmark.name, "metrics": m, "rows": rows, "options": _recorded(opts)}
 
 
-def _tofu_metrics(rows: pd.DataFrame, reference, mia_k) -> dict:
+def _tofu_metrics(rows: pd.DataFrame, reference, opts) -> dict:
     by = {name: g for name, g in rows.groupby("set")}
     m: dict[str, float] = {}
     for name in ("forget", *TOFU_UTILITY_SETS):
@@ -179,28 +251,21 @@ def _tofu_metrics(rows: pd.DataFrame, reference, mia_k) -> dict:
         prob = g["prob_normalised"] if name in ("real_authors", "world_facts") else g["prob"]
         m[f"{name}_prob"] = float(prob.mean())
         m[f"{name}_rouge"] = float(g["rouge"].mean())
-        kind = "forget" if name == "forget" else "utility"
-        m[f"{name}_truth_ratio"] = float(metrics.truth_ratio_stat(g["truth_ratio"].to_numpy(), kind=kind))
+        m[f"{name}_truth_ratio"] = float(metrics.truth_ratio_aggregate(
+            g["truth_ratio"].to_numpy(), opts["truth_ratio_aggregators"][name]))
     m["model_utility"] = float(metrics.model_utility(
         {f"{s}_{k}": m[f"{s}_{k}"] for s in TOFU_UTILITY_SETS for k in ("prob", "rouge", "truth_ratio")}))
+    for key in ("exact_memorization", "extraction_strength"):
+        m[f"forget_{key}"] = float(by["forget"][key].mean())
     # MIA: forget rows are members, holdout rows non-members (METHODS §6)
-    members, non = by["forget"], by["holdout"]
-    for score in ("loss", "min_k", "zlib"):
-        m[f"mia_{score}_auc"] = float(metrics.mia_auc(
-            metrics.membership_score(score, members[score].to_numpy()),
-            metrics.membership_score(score, non[score].to_numpy())))
-    m["mia_min_k"] = mia_k
+    m.update(_mia_aucs(by["forget"], by["holdout"]))
+    m["mia_min_k"] = opts["mia_k"]
     if reference is not None:  # against the reference's values on the same rows (METHODS §6 "Same rows")
-        ref_forget, ref_holdout = same_rows(reference, rows, ("forget", "holdout"))
+        ref_forget, ref_holdout = same_rows(reference, rows, MIA_SETS)
         m["forget_quality"] = float(metrics.forget_quality(by["forget"]["truth_ratio"].to_numpy(),
                                                            ref_forget["truth_ratio"].to_numpy()))
-        m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], _min_k_auc(ref_forget, ref_holdout))
+        m["privleak"] = _privleak(m, _mia_aucs(ref_forget, ref_holdout), opts["privleak_score"])
     return m
-
-
-def _min_k_auc(members: pd.DataFrame, non: pd.DataFrame) -> float:
-    return float(metrics.mia_auc(metrics.membership_score("min_k", members["min_k"].to_numpy()),
-                                 metrics.membership_score("min_k", non["min_k"].to_numpy())))
 
 
 def same_rows(reference, rows: pd.DataFrame, sets) -> list[pd.DataFrame]:
@@ -232,8 +297,102 @@ def restrict_eval(result: dict, limit: int | None, reference=None) -> dict:
         rows = rows[rows.groupby("set", sort=False).cumcount() < limit].reset_index(drop=True)
     elif reference is None:
         return result
-    return {**result, "metrics": _tofu_metrics(rows, reference, result["metrics"].get("mia_min_k", 0.4)),
-            "rows": rows}
+    recorded = dict(result.get("options") or {})
+    opts = _eval_options({"mia_k": recorded.pop("mia_k", result["metrics"].get("mia_min_k", 0.4))},
+                         **{k: v for k, v in recorded.items() if k != "score_eos"})
+    return {**result, "metrics": _tofu_metrics(rows, reference, opts), "rows": rows}
+
+
+# ---------------------------------------------------------------- shared by both suites: EM / ES, MIA, options
+MIA_SETS = ("forget", "holdout")  # TOFU members / non-members
+MIA_COLUMNS = {s: "reference_score" if s == "reference" else s for s in metrics.MIA_SCORES}  # per-row column
+DEFAULT_TRUTH_RATIO_AGGREGATORS = {"forget": "closer_to_1_better", "retain": "true_better",
+                                   "real_authors": "true_better", "world_facts": "true_better"}
+
+
+def _memorization_columns(rows: pd.DataFrame, stats: list[dict], opts, drop_last: bool) -> None:
+    """EM, ES and Min-K%++ per row from token_logprobs(stats=True): answer tokens without the EOS
+    (open-unlearning, checked on its logs: tests/test_metrics.py)."""
+    cut = slice(None, -1) if drop_last else slice(None)
+    rows["exact_memorization"] = [metrics.exact_memorization(s["argmax"][cut].numpy(), s["target"][cut].numpy())
+                                  for s in stats]
+    rows["extraction_strength"] = [metrics.extraction_strength(s["argmax"][cut].numpy(), s["target"][cut].numpy(),
+                                                               no_match=opts["es_no_match"]) for s in stats]
+    rows["min_k_plus_plus"] = [metrics.min_k_plus_plus(s["z"][cut].numpy(), opts["mia_k"]) for s in stats]
+
+
+def _mia_aucs(members: pd.DataFrame, non: pd.DataFrame) -> dict:
+    """mia_<score>_auc for every MIA score with per-row values on both sides (rows without one, e.g. no
+    reference row, are left out on both sides alike)."""
+    out = {}
+    for score, col in MIA_COLUMNS.items():
+        if col in members and col in non:
+            a, b = members[col].dropna().to_numpy(), non[col].dropna().to_numpy()
+            if len(a) and len(b):
+                out[f"mia_{score}_auc"] = float(metrics.mia_auc(metrics.membership_score(score, a),
+                                                                metrics.membership_score(score, b)))
+    return out
+
+
+def _privleak(m: dict, ref_metrics: dict, score: str) -> float:
+    """PrivLeak on the MIA AUC of `score` (default min_k) against the reference model's. The reference's
+    own Reference score is 0 on every row (itself minus itself): AUC 1/2."""
+    key = f"mia_{score}_auc"
+    ref_auc = ref_metrics.get(key, 0.5 if score == "reference" else None)
+    if key not in m or ref_auc is None:
+        side = "this evaluation" if key not in m else "the reference evaluation"
+        raise ValueError(f"privleak_score={score!r}: {side} has no {key} (gradnorm needs mia_gradnorm=True, "
+                         f"reference a reference); valid scores: {', '.join(metrics.MIA_SCORES)}")
+    return privleak_or_nan(m[key], ref_auc)
+
+
+def _reference_scores(rows: pd.DataFrame, reference) -> np.ndarray:
+    """Reference MIA score per row: our mean answer NLL - the reference model's on the same (set, row);
+    NaN where the reference has no such row or no loss (Same rows, METHODS §6)."""
+    ref_rows = _reference_parts(reference)[0]
+    if "loss" not in ref_rows:
+        return np.full(len(rows), np.nan)
+    ref = ref_rows.dropna(subset=["loss"]).drop_duplicates(["set", "row"]).set_index(["set", "row"])["loss"]
+    ref_loss = ref.reindex(pd.MultiIndex.from_frame(rows[["set", "row"]])).to_numpy()
+    return metrics.reference_score(rows["loss"].to_numpy(), ref_loss)
+
+
+def _eval_options(base: dict, *, truth_ratio_aggregators=None, privleak_score="min_k", mia_gradnorm=True,
+                  es_no_match="zero") -> dict:
+    """base + the validated metric options of evaluate() (recorded in result["options"])."""
+    aggs = dict(DEFAULT_TRUTH_RATIO_AGGREGATORS)
+    for name, agg in (truth_ratio_aggregators or {}).items():
+        if name not in aggs:
+            raise ValueError(f"truth_ratio_aggregators: unknown set {name!r}; valid: {', '.join(aggs)}")
+        if agg not in metrics.TRUTH_RATIO_AGGREGATORS:
+            raise ValueError(f"truth_ratio_aggregators[{name!r}] = {agg!r}; valid: "
+                             f"{', '.join(metrics.TRUTH_RATIO_AGGREGATORS)}")
+        aggs[name] = agg
+    if privleak_score not in metrics.MIA_SCORES:
+        raise ValueError(f"privleak_score={privleak_score!r}; valid: {', '.join(metrics.MIA_SCORES)}")
+    if privleak_score == "gradnorm" and not mia_gradnorm:
+        raise ValueError("privleak_score='gradnorm' needs mia_gradnorm=True (it skips the GradNorm scores)")
+    if es_no_match not in metrics.ES_NO_MATCH:
+        raise ValueError(f"es_no_match={es_no_match!r}; valid: {', '.join(metrics.ES_NO_MATCH)}")
+    return dict(base, truth_ratio_aggregators=aggs, privleak_score=privleak_score, mia_gradnorm=bool(mia_gradnorm),
+                es_no_match=es_no_match)
+
+
+def metric_options(**options) -> dict:
+    """The metric options of evaluate() (truth_ratio_aggregators, privleak_score, mia_gradnorm, es_no_match),
+    validated, defaults filled in: what UnlearnConfig.eval_options records in a run's config."""
+    valid = ("truth_ratio_aggregators", "privleak_score", "mia_gradnorm", "es_no_match")
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown evaluation options {unknown}; valid: {', '.join(valid)}")
+    return _eval_options({}, **options)
+
+
+RECORDED_OPTIONS = ("score_eos", "mia_k", "truth_ratio_aggregators", "privleak_score", "mia_gradnorm", "es_no_match")
+
+
+def _recorded(opts: dict) -> dict:
+    return {k: opts[k] for k in RECORDED_OPTIONS if k in opts}
 
 
 def privleak_or_nan(auc: float, auc_reference: float) -> float:
@@ -256,13 +415,18 @@ def _knowmem_prompt(icl, question) -> str:
 
 
 def evaluate_muse(model, tokenizer, benchmark, reference=None, *, batch_size=16, limit=None, mia_k=0.4,
-                  max_length=512, autocast_dtype=None, progress=True, score_eos=True) -> dict:
+                  max_length=512, autocast_dtype=None, progress=True, score_eos=True, **options) -> dict:
     """VerbMem (ROUGE-L F1 of continuations), KnowMem forget/retain (ROUGE-L F1, ICL prompt), PrivLeak.
 
     MUSE prompts are raw text (no chat template), as in the MUSE benchmark. score_eos changes nothing
     here: MUSE scores generations and the Min-K% of raw texts (no answer, no EOS).
+    EM / ES (teacher-forced) on verbmem and knowmem forget; MIA scores (loss, min_k, zlib, min_k_plus_plus,
+    gradnorm, reference) on the privleak forget / holdout excerpts. options: as evaluate_tofu
+    (privleak_score, mia_gradnorm, es_no_match; truth ratios do not exist here).
     """
+    opts = _eval_options(dict(mia_k=mia_k, score_eos=bool(score_eos)), **options)
     sets = benchmark.eval_sets
+    score = dict(batch_size=batch_size, max_length=max_length, autocast_dtype=autocast_dtype, progress=progress)
 
     def take(name):
         ds = sets[name]
@@ -277,6 +441,7 @@ def evaluate_muse(model, tokenizer, benchmark, reference=None, *, batch_size=16,
     frames.append(pd.DataFrame({"set": "verbmem", "row": range(len(vm)), "question": vm["prompt"],
                                 "answer": vm["gt"], "generation": out, "rouge": f1}))
     m["verbmem_rouge_f1"] = float(np.mean(f1))
+    _muse_memorization(model, tokenizer, frames[-1], list(vm["prompt"]), list(vm["gt"]), "verbmem", m, opts, score)
     for which in ("forget", "retain"):
         qa, icl = take(f"knowmem_{which}"), sets[f"knowmem_{which}_icl"]
         prompts = [_knowmem_prompt(icl, q) for q in qa["question"]]
@@ -287,23 +452,46 @@ def evaluate_muse(model, tokenizer, benchmark, reference=None, *, batch_size=16,
                                     "question": qa["question"], "answer": qa["answer"],
                                     "generation": out, "rouge": f1}))
         m[f"knowmem_{which}_rouge_f1"] = float(np.mean(f1))
-    # PrivLeak: Min-K% membership scores on forget (members) vs holdout (non-members) excerpts
-    scores = {}
+        if which == "forget":
+            _muse_memorization(model, tokenizer, frames[-1], prompts, list(qa["answer"]), "knowmem_forget", m,
+                               opts, score)
+    # PrivLeak: membership scores on forget (members) vs holdout (non-members) excerpts, one scoring pass
+    mia = {}
     for which in ("forget", "holdout"):
         texts = list(take(f"privleak_{which}")["text"])
-        lp = _text_logprobs(model, tokenizer, texts, batch_size=batch_size, max_length=max_length,
-                            autocast_dtype=autocast_dtype, progress=progress, desc=f"privleak {which}")
-        scores[which] = np.array([metrics.min_k_percent(t.numpy(), mia_k) for t in lp])
-        frames.append(pd.DataFrame({"set": f"privleak_{which}", "row": range(len(texts)),
-                                    "question": [t[:200] for t in texts], "min_k": scores[which]}))
-    m["mia_min_k_auc"] = float(metrics.mia_auc(metrics.membership_score("min_k", scores["forget"]),
-                                                metrics.membership_score("min_k", scores["holdout"])))
+        st = _text_logprobs(model, tokenizer, texts, stats=True, desc=f"privleak {which}", **score)
+        lp = [s["logprob"] for s in st]
+        rows = pd.DataFrame({"set": f"privleak_{which}", "row": range(len(texts)),
+                             "question": [t[:200] for t in texts], "loss": [-_mean(t) for t in lp],
+                             "n_tokens": [t.numel() for t in lp]})
+        rows["min_k"] = [metrics.min_k_percent(t.numpy(), mia_k) for t in lp]
+        rows["zlib"] = [metrics.zlib_score(l, t) for l, t in zip(rows["loss"], texts)]
+        rows["min_k_plus_plus"] = [metrics.min_k_plus_plus(s["z"].numpy(), mia_k) for s in st]
+        if opts["mia_gradnorm"]:
+            bos = tokenizer.bos_token or ""
+            rows["gradnorm"] = gradnorm_scores(model, tokenizer, [bos] * len(texts), texts, max_length=max_length,
+                                               autocast_dtype=autocast_dtype, desc=f"privleak {which}: gradnorm",
+                                               progress=progress)
+        if reference is not None:
+            rows["reference_score"] = _reference_scores(rows, reference)
+        mia[which] = rows
+        frames.append(rows)
+    m.update(_mia_aucs(mia["forget"], mia["holdout"]))
     m["mia_min_k"] = mia_k
-    rows = pd.concat(frames, ignore_index=True)
     if reference is not None:  # the reference's AUC on the same excerpts (METHODS §6 "Same rows")
-        ref_forget, ref_holdout = same_rows(reference, rows, ("privleak_forget", "privleak_holdout"))
-        m["privleak"] = privleak_or_nan(m["mia_min_k_auc"], _min_k_auc(ref_forget, ref_holdout))
-    return {"benchmark": benchmark.name, "metrics": m, "rows": rows, "options": {"score_eos": bool(score_eos)}}
+        ref_aucs = _mia_aucs(*same_rows(reference, pd.concat([mia["forget"], mia["holdout"]]),
+                                        ("privleak_forget", "privleak_holdout")))
+        m["privleak"] = _privleak(m, ref_aucs, opts["privleak_score"])
+    return {"benchmark": benchmark.name, "metrics": m, "rows": pd.concat(frames, ignore_index=True),
+            "options": _recorded(opts)}
+
+
+def _muse_memorization(model, tokenizer, rows, prompts, targets, name, m, opts, score) -> None:
+    """Teacher-forced EM / ES (and Min-K%++) of a MUSE set's references; <name>_exact_memorization etc."""
+    _memorization_columns(rows, token_logprobs(model, tokenizer, prompts, targets, stats=True, desc=f"{name}: EM/ES",
+                                               **score), opts, drop_last=False)
+    for key in ("exact_memorization", "extraction_strength"):
+        m[f"{name}_{key}"] = float(rows[key].mean())
 
 
 def _text_logprobs(model, tokenizer, texts, **kw):

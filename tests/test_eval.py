@@ -211,3 +211,121 @@ def test_muse_privleak_compares_the_same_excerpts():
     full = evaluate(model, tok, bench, limit=4, **kw)
     res = evaluate(model, tok, bench, reference=full, limit=2, **kw)
     assert res["metrics"]["privleak"] == 0.0       # the model against itself, on its first 2 excerpts
+
+
+def test_gradnorm_scores_by_hand_and_leave_the_model_as_it_was():
+    """GradNorm = mean over parameter tensors of ||grad of the row's mean answer NLL||_2 (per row), and
+    the model's .grad, requires_grad flags and train/eval mode are exactly as before the call."""
+    from lab.data import encode_pairs, format_question
+    from lab.eval import gradnorm_scores
+    model, tok = load_model("tiny")
+    prompts = [format_question(tok, q) for q in ("Who wrote it?", "Where was the author born, and when?")]
+    answers = ["Jane Doe wrote it.", "In Paris, in 1970."]
+    params = list(model.parameters())
+    # by hand: one row at a time, backward into .grad, no EOS (as Min-K%)
+    want = []
+    for p_, a in zip(prompts, answers):
+        model.zero_grad(set_to_none=True)
+        enc = encode_pairs(tok, [p_], [a], add_eos=False)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0, :-1]
+        labels = enc["labels"][0, 1:]
+        keep = labels != -100
+        torch.nn.functional.cross_entropy(logits[keep], labels[keep]).backward()
+        want.append(np.mean([p.grad.norm().item() for p in params]))
+    # a model mid-training: train mode, some tensors frozen, some .grad set, others None
+    model.zero_grad(set_to_none=True)
+    model.train()
+    params[0].requires_grad_(False)
+    params[1].grad = torch.randn_like(params[1])
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    got = gradnorm_scores(model, tok, prompts, answers)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[0] != got[1] and (got > 0).all()
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in params] == flags and flags[0] is False
+    for p, b in zip(params, before):
+        assert (p.grad is None) if b is None else torch.equal(p.grad, b)
+    # eval mode stays eval mode
+    model.eval()
+    np.testing.assert_allclose(gradnorm_scores(model, tok, prompts[:1], answers[:1]), want[:1], rtol=1e-5)
+    assert not model.training
+
+
+def test_token_logprobs_stats_from_the_same_logits():
+    """stats=True: argmax ids, answer ids and Min-K%++ z-scores per target token, checked against one
+    unbatched forward with float64 moments; the default return stays a list of log-prob tensors."""
+    from lab.data import encode_pairs, format_question
+    model, tok = load_model("tiny")
+    prompts = [format_question(tok, q) for q in ("Who wrote it?", "Where was the author born?", "Why?")]
+    answers = ["Jane Doe wrote it.", "In a small town near Paris, in 1970.", "No."]
+    plain = token_logprobs(model, tok, prompts, answers, batch_size=2, add_eos=True)
+    st = token_logprobs(model, tok, prompts, answers, batch_size=2, add_eos=True, stats=True)
+    assert all(isinstance(t, torch.Tensor) for t in plain) and all(isinstance(s, dict) for s in st)
+    for p_, a, lp, s in zip(prompts, answers, plain, st):
+        assert torch.equal(s["logprob"], lp)
+        enc = encode_pairs(tok, [p_], [a], add_eos=True)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=enc["input_ids"]).logits[0, :-1].double(), -1)
+        labels = enc["labels"][0, 1:]
+        keep = labels != -100
+        logp, labels = logp[keep], labels[keep]
+        assert torch.equal(s["target"], labels) and s["target"][-1] == tok.eos_token_id
+        assert torch.equal(s["argmax"], logp.argmax(-1))
+        p = logp.exp()
+        mu = (p * logp).sum(-1)
+        var = (p * logp ** 2).sum(-1) - mu ** 2
+        z = (logp.gather(-1, labels[:, None])[:, 0] - mu) / var.sqrt()
+        np.testing.assert_allclose(s["z"].numpy(), z.numpy(), rtol=1e-4, atol=1e-4)
+        assert s["z"].shape == lp.shape == s["argmax"].shape
+
+
+def test_tofu_suite_em_es_and_new_mia_scores_follow_from_the_rows(prepared_tiny):
+    model, tok = prepared_tiny.load("target")
+    ref = prepared_tiny.retain_eval
+    res = evaluate(model, tok, prepared_tiny.benchmark, reference=ref, limit=6, progress=False)
+    m, rows = res["metrics"], res["rows"]
+    forget, holdout = rows[rows["set"] == "forget"], rows[rows["set"] == "holdout"]
+    for key in ("exact_memorization", "extraction_strength"):
+        assert m[f"forget_{key}"] == pytest.approx(forget[key].mean())
+        assert rows[key].between(0, 1).all()
+    # EM / ES count the answer tokens without the EOS (n_tokens includes it under score_eos)
+    em_hits = rows["exact_memorization"] * (rows["n_tokens"] - 1)
+    np.testing.assert_allclose(em_hits, em_hits.round(), atol=1e-9)
+    assert m["forget_exact_memorization"] > 0.5  # the target model memorised its forget set
+    for score, col in (("min_k_plus_plus", "min_k_plus_plus"), ("gradnorm", "gradnorm"),
+                       ("reference", "reference_score")):
+        want = metrics.mia_auc(metrics.membership_score(score, forget[col].to_numpy()),
+                               metrics.membership_score(score, holdout[col].to_numpy()))
+        assert m[f"mia_{score}_auc"] == pytest.approx(want)
+    assert rows["gradnorm"].notna().sum() == len(forget) + len(holdout)  # GradNorm only where the AUC needs it
+    # Reference = our mean answer NLL - the retain model's on the same (set, row)
+    ref_loss = ref["rows"].set_index(["set", "row"])["loss"]
+    want = rows["loss"].to_numpy() - ref_loss.loc[list(zip(rows["set"], rows["row"]))].to_numpy()
+    np.testing.assert_allclose(rows["reference_score"].to_numpy(), want)
+    assert res["options"]["privleak_score"] == "min_k" and res["options"]["mia_gradnorm"] is True
+    assert m["privleak"] == pytest.approx(metrics.privleak(m["mia_min_k_auc"], ref["metrics"]["mia_min_k_auc"]))
+
+
+def test_tofu_suite_options_by_name(prepared_tiny):
+    model, tok = prepared_tiny.load("target")
+    ref = prepared_tiny.retain_eval
+    res = evaluate(model, tok, prepared_tiny.benchmark, reference=ref, limit=3, progress=False,
+                   truth_ratio_aggregators={"forget": "prob_mean", "retain": "closer_to_1_better"},
+                   privleak_score="zlib", mia_gradnorm=False)
+    m, rows = res["metrics"], res["rows"]
+    r = rows[rows["set"] == "forget"]["truth_ratio"].to_numpy()
+    assert m["forget_truth_ratio"] == pytest.approx(np.mean(1 / (1 + r)))
+    r = rows[rows["set"] == "retain"]["truth_ratio"].to_numpy()
+    assert m["retain_truth_ratio"] == pytest.approx(np.minimum(r, 1 / r).mean())
+    assert res["options"]["truth_ratio_aggregators"]["world_facts"] == "true_better"
+    assert m["privleak"] == pytest.approx(metrics.privleak(m["mia_zlib_auc"], ref["metrics"]["mia_zlib_auc"]))
+    assert "gradnorm" not in rows and "mia_gradnorm_auc" not in m
+    bench = prepared_tiny.benchmark
+    for bad, match in (({"truth_ratio_aggregators": {"forget": "mean"}}, "valid: closer_to_1_better, true_better"),
+                       ({"truth_ratio_aggregators": {"holdout": "prob_mean"}}, "unknown set 'holdout'"),
+                       ({"privleak_score": "min_k_pp"}, "valid: loss, min_k, zlib, min_k_plus_plus"),
+                       ({"privleak_score": "gradnorm", "mia_gradnorm": False}, "needs mia_gradnorm=True"),
+                       ({"es_no_match": "one"}, "valid: zero, open_unlearning")):
+        with pytest.raises(ValueError, match=match):
+            evaluate(model, tok, bench, reference=ref, limit=2, progress=False, **bad)
