@@ -161,6 +161,131 @@ def format_table(result: dict) -> str:
     return head + "\n" + df[cols].astype(float).to_string(float_format=lambda x: f"{x:.3f}")
 
 
+# ---------------------------------------------------------------- under FSDP2 / DDP (lab.distributed)
+PARALLEL_VARIANTS = [v for v in VARIANTS if v[0] == "graddiff" or v[2]]   # the untraced floor-like one + traced
+
+
+class _CollectiveClock:
+    """Counts and times the scalar collectives the engine and geometry issue (dist.all_reduce,
+    dist.broadcast); FSDP2's own all-gathers / reduce-scatters (the floor has them too) are not these."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.calls, self.seconds, self._orig = 0, 0.0, {}
+        for name in ("all_reduce", "broadcast"):
+            self._orig[name] = getattr(dist, name)
+            setattr(dist, name, self._timed(self._orig[name]))
+
+    def _timed(self, fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            self.calls += 1
+            self.seconds += time.perf_counter() - t0
+            return out
+        return call
+
+    def reset(self):
+        self.calls, self.seconds = 0, 0.0
+
+
+def _parallel_worker(rank, world, port, mode, model_name, rounds, warmup, batch_size, max_length, variants, out):
+    import os
+    import torch.distributed as dist
+    from lab import distributed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    par = distributed.setup(mode, "cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model, micro = _batches(model_name, batch_size, max_length, par.device)
+    micro = [distributed.shard_rows(m, rank, world) for m in micro]
+    distributed.wrap(model, par)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    local = distributed.local_list(params)
+    cfg = UnlearnConfig(method="ga_rt", model=model_name, lr=1e-7, batch_size=batch_size)
+    optimizer = torch.optim.AdamW(local, lr=cfg.lr)
+    ga_rt, ga_args = get_method("ga_rt")
+    floor_ctx = engine.make_context(model, ga_rt, ga_args, None, None, cfg, None)
+
+    def floor():   # fwd+bwd forget, fwd+bwd retain (FSDP's reduce-scatters included), optimizer step
+        units = engine.step_units((*ga_rt.forget, *ga_rt.retain), micro, local[0].device, par.group)
+        grads, _ = engine.accumulate(model, params, (*ga_rt.forget, *ga_rt.retain), micro, floor_ctx, ga_args,
+                                     group=par.group, sharded=par.sharded, units=units, reduce_losses=False)
+        for p, g in zip(local, grads):
+            p.grad = g
+        optimizer.step()
+        for p in local:
+            p.grad = None
+
+    runners = {"floor": floor}
+    for label, name, diag in variants:
+        method, args = get_method(name)
+        vcfg = UnlearnConfig(**{**cfg.__dict__, "method": name, "diagnostics": diag})
+        ctx = engine.make_context(model, method, args, None, None, vcfg, None)
+        state, gen = LoopState(), torch.Generator().manual_seed(0)
+
+        def step(method=method, args=args, vcfg=vcfg, ctx=ctx, state=state, gen=gen):
+            engine._step(model, params, optimizer, method, args, ctx, micro, state, vcfg, vcfg.lr, rlw_gen=gen,
+                         group=par.group, sharded=par.sharded,
+                         autolr_due=method.autolr and state.step % 10 == 0)
+            state.step += 1
+        runners[label] = step
+    clock = _CollectiveClock()
+    times = {k: [] for k in runners}
+    calls = {k: [] for k in runners}
+    share = {k: [] for k in runners}
+    for r in range(warmup + rounds):
+        for label, fn in runners.items():
+            dist.barrier()
+            clock.reset()
+            t0 = time.perf_counter()
+            fn()
+            if par.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[label].append(dt)
+                calls[label].append(clock.calls)
+                share[label].append(clock.seconds / dt)
+    if rank == 0:
+        floor_t = statistics.median(times["floor"])
+        result = {"model": model_name, "device": par.device, "parallel": mode, "nproc": world, "rounds": rounds,
+                  "batch_size": batch_size, "max_length": max_length, "torch": torch.__version__,
+                  "floor_seconds": floor_t, "variants": {
+                      k: {"median_seconds": statistics.median(v), "ratio_to_floor": statistics.median(v) / floor_t,
+                          "collectives_per_step": statistics.median(calls[k]),
+                          "collective_share": statistics.median(share[k])} for k, v in times.items()}}
+        runs.atomic_write_json(Path(out), result)
+    distributed.teardown(par)
+
+
+def run_parallel_bench(model_name="tiny", nproc=2, mode="fsdp", rounds=10, warmup=2, batch_size=8,
+                       max_length=256, variants=PARALLEL_VARIANTS, out="bench/results") -> dict:
+    """Step time of each method over the floor with `nproc` processes (gloo on CPU) under FSDP2 (or ddp),
+    the scalar collectives per step and the share of the step spent in them."""
+    import tempfile
+    import torch.multiprocessing as mp
+    from lab.distributed import _free_port
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "result.json")
+        mp.spawn(_parallel_worker, args=(nproc, _free_port(), mode, model_name, rounds, warmup, batch_size,
+                                         max_length, list(variants), path), nprocs=nproc, join=True)
+        return json.loads(Path(path).read_text())
+
+
+def format_parallel_markdown(result: dict) -> str:
+    head = (f"`{result['model']}` under `{result['parallel']}` x{result['nproc']} ({result['device']}), batch "
+            f"{result['batch_size']}x{result['max_length']}, {result['rounds']} rounds, floor "
+            f"{result['floor_seconds'] * 1000:.0f} ms/step\n\n"
+            "| variant | time / floor | median ms | scalar collectives / step | share of step in them |\n"
+            "|---|---|---|---|---|\n")
+    return head + "\n".join(
+        f"| {k} | {v['ratio_to_floor']:.3f} | {v['median_seconds'] * 1000:.0f} | {v['collectives_per_step']:.0f} | "
+        f"{v['collective_share'] * 100:.1f} % |" for k, v in result["variants"].items())
+
+
 def format_markdown(result: dict) -> str:
     """The README table of a result (python -m lab.bench --markdown bench/results/tiny-cpu.json)."""
     head = (f"`{result['model']}` ({result['param_bytes'] / 2**20:.0f} MiB fp32), batch "
@@ -186,9 +311,22 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", default="bench/results", help="folder for <model>-<device>.json")
     p.add_argument("--markdown", metavar="JSON", help="print the README table of a saved result and exit")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
+                   help="fsdp / ddp: the methods under lab.distributed with --nproc processes (gloo on CPU)")
+    p.add_argument("--nproc", type=int, default=2)
     args = p.parse_args(argv)
     if args.markdown:
-        print(format_markdown(json.loads(Path(args.markdown).read_text())))
+        result = json.loads(Path(args.markdown).read_text())
+        print(format_parallel_markdown(result) if "parallel" in result else format_markdown(result))
+        return
+    if args.parallel != "none":
+        result = run_parallel_bench(args.model, args.nproc, args.parallel, rounds=args.rounds,
+                                    batch_size=args.batch_size, max_length=args.max_length)
+        print(format_parallel_markdown(result))
+        path = Path(args.out) / f"{args.model}-{args.parallel}{args.nproc}-{result['device'].split(':')[0]}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        runs.atomic_write_json(path, result)
+        print(f"wrote {path}")
         return
     result = run_bench(args.model, rounds=args.rounds, batch_size=args.batch_size,
                        max_length=args.max_length, device=args.device, memory=not args.no_memory)

@@ -488,8 +488,8 @@ def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *,
         terms_r = DIAGNOSTIC_RETAIN
     separate = method.separate_gradients or (diag and bool(terms_r))
     # 2. gradients
-    g_f, g_r, d, losses_f, losses_r, w_r = _gradients(model, params, method, args, ctx, micro, state,
-                                                      terms_f, terms_r, separate, group, sharded)
+    g_f, g_r, d, losses_f, losses_r, w_r, units = _gradients(model, params, method, args, ctx, micro, state,
+                                                             terms_f, terms_r, separate, group, sharded)
     loss_f, loss_r = _group_loss(losses_f, terms_f, args), _group_loss(losses_r, terms_r, args, w_r)
     scalars: dict[str, torch.Tensor] = {}
     with geometry.few_threads(local):
@@ -522,7 +522,7 @@ def _step(model, params, optimizer, method, args, ctx, micro, state, cfg, lr, *,
     row = {}
     if autolr_due:  # 4b. NGDiff Alg. 1: probe L_R along the update (the retain NLL for forget-only methods)
         row.update(_autolr(model, params, optimizer, method, args, ctx, micro, d, lr,
-                           loss_r if terms_r else None, group))
+                           loss_r if terms_r else None, units[len(terms_f):] if terms_r else None, group))
         lr = row["autolr_lr"]
     # 5. hand d to the optimizer (theta <- theta - lr * D(d)), then the realised-update diagnostics
     scalars.update(_apply(optimizer, local, d, lr, state, hooks, g_f, g_r, scalars,
@@ -567,7 +567,7 @@ def _gradients(model, params, method, args, ctx, micro, state, terms_f, terms_r,
     losses = torch.cat([losses_f, losses_r])
     if group is not None:
         dist.all_reduce(losses, group=group)
-    return g_f, g_r, d, losses[:n_f], losses[n_f:], w_r
+    return g_f, g_r, d, losses[:n_f], losses[n_f:], w_r, units
 
 
 def _check_finite(step, term_losses, norm_d, terms):
@@ -580,17 +580,19 @@ def _check_finite(step, term_losses, norm_d, terms):
                        f"(losses {dict(zip(names, term_losses.tolist()))})")
 
 
-def _autolr(model, params, optimizer, method, args, ctx, micro, d, lr, loss_r, group):
+def _autolr(model, params, optimizer, method, args, ctx, micro, d, lr, loss_r, units_r, group):
     """AutoLR probe (NGDiff Alg. 1) of the retain objective (the unweighted one, as loss_r; the retain
     NLL for forget-only methods) along the update the optimizer would apply: trace entries incl. the
-    lr for this step (autolr_lr)."""
+    lr for this step (autolr_lr). units_r: the step's retain units (the probes reuse them: one
+    collective per probe, its losses)."""
     local = distributed.local_list(params)
     update = would_be_update(optimizer, local, d)
     probe_terms = method.retain or DIAGNOSTIC_RETAIN
     w_r = retain_term_weights(method, args)[1] if method.retain else [1.0]
 
     def retain_loss():
-        losses = accumulate(model, params, probe_terms, micro, ctx, args, group=group, backward=False)[1]
+        losses = accumulate(model, params, probe_terms, micro, ctx, args, group=group, backward=False,
+                            units=units_r)[1]
         return _group_loss(losses, probe_terms, args, w_r)
     return autolr_probe(retain_loss, local, update, lr, loss_r if loss_r is not None else retain_loss(),
                         max_factor=args.get("autolr_max_factor"))

@@ -168,3 +168,17 @@ def test_distributed_evaluation_equals_one_process(mode, tmp_path):
     np.testing.assert_allclose(b[num].to_numpy(float), a[num].to_numpy(float), rtol=1e-4, atol=1e-6)
     for k, v in one["metrics"].items():
         assert two["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), k
+
+
+@pytest.mark.slow
+def test_scalar_collectives_per_step_under_fsdp():
+    """The geometry of a step costs few collectives (README 'Scaling out'): units and losses of every
+    term (2), the combiner's scalars (BLUR 1, GRU 2), the diagnostics of d (1) and of the realised
+    update (1); the floor only the units."""
+    from lab.bench import run_parallel_bench
+    variants = [("graddiff+diag", "ga_rt", 1), ("blur+diag", "blur_ga", 1), ("gru+diag", "gru_gd", 1),
+                ("graddiff", "ga_rt", 0)]
+    res = run_parallel_bench("tiny", nproc=2, mode="fsdp", rounds=1, warmup=0, batch_size=4, max_length=32,
+                             variants=variants)
+    calls = {k: v["collectives_per_step"] for k, v in res["variants"].items()}
+    assert calls == {"floor": 1, "graddiff+diag": 4, "blur+diag": 5, "gru+diag": 6, "graddiff": 3}
