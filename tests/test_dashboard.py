@@ -499,35 +499,3 @@ def test_every_page_renders_beside_runs_broken_in_every_shape(corrupt_runs):
     assert len(at.dataframe[0].value) == 1 + len(CORRUPT_SHAPES)
     for name in PAGES:
         _page(at, name)
-
-
-def test_picker_defaults_to_the_latest_experiment(tmp_path, monkeypatch):
-    """Runs tagged with the experiment that made them: the sidebar offers each experiment (latest first,
-    sections under their notebook) and selects the latest experiment's runs, not every run."""
-    from test_runs_views import make_experiment_runs
-    paths = {k: str(v) for k, v in make_experiment_runs(tmp_path, monkeypatch).items()}
-    at = _app(tmp_path)
-    assert not at.exception, [e.value for e in at.exception]
-    picker = at.selectbox(key="experiment")
-    assert picker.options[:3] == ["(all runs)", "my tag", "nbA (demo)"] and picker.value == "my tag"
-    assert at.session_state["selected_runs"] == [paths["b"]]
-    picker.set_value("nbA (demo)").run()
-    assert at.session_state["selected_runs"] == [paths["a1"], paths["a2"]]
-    at.selectbox(key="experiment").set_value("nbA (demo)/S1").run()
-    assert at.session_state["selected_runs"] == [paths["a1"]]
-    at.selectbox(key="experiment").set_value("(all runs)").run()
-    assert sorted(at.session_state["selected_runs"]) == sorted(paths.values())
-    _page(at, "tradeoffs")
-
-
-def test_legends_group_runs_by_method():
-    pts = pd.DataFrame({"label": ["ga #a1", "ga #b2", "npo #c3"], "kind": ["unlearn"] * 3, "method": ["ga", "ga", "npo"],
-                        "forgetting": [0.2, 0.4, 0.3], "utility": [0.5, 0.4, 0.6], "hover": [""] * 3, "task": [None] * 3})
-    fig = figures.tradeoff_figure(pts, "model_utility", "forget_rouge")
-    runs_ = [t for t in fig.data if t.name and " #" in t.name]
-    assert [(t.name, t.legendgroup) for t in runs_] == [("ga #a1", "ga"), ("ga #b2", "ga"), ("npo #c3", "npo")]
-    assert [t.legendgrouptitle.text for t in runs_] == ["ga", None, "npo"]      # one title per method
-    assert fig.layout.legend.groupclick == "toggleitem"
-    trace = pd.DataFrame({"label": ["ga #a1"] * 2 + ["npo #c3"] * 2, "method": ["ga"] * 2 + ["npo"] * 2,
-                          "step": [0, 1, 0, 1], "loss_f": [1.0, 2.0, 1.0, 0.5], "loss_r": [0.1] * 4})
-    assert {t.legendgroup for t in figures.loss_figure(trace).data} == {"ga", "npo"}
