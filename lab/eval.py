@@ -13,6 +13,7 @@ to cut padding); generation is batched greedy decoding with left padding and the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from lab.progress import tqdm   # one line per bar when stderr is not a terminal
 
 from lab import metrics
-from lab.data import encode_pairs, encode_prompts, format_question
+from lab.data import _pad_id, encode_pairs, encode_prompts, format_question
 
 # Bump when a metric's definition or scoring convention changes: cached evaluations (lab.prepare) are
 # keyed on it and recomputed (no fine-tune) under the new definitions.
@@ -49,72 +50,283 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
     Returns one 1-D float32 tensor per (prompt, target) pair, in input order.
     stats=True: one dict per pair instead, from the same logits: "logprob" (that tensor), "target" and
     "argmax" (token ids: the answer and the teacher-forced prediction, for EM / ES) and "z" (the
-    Min-K%++ z-score of each target token, metrics.min_k_plus_plus_z).
+    Min-K%++ z-score of each target token, metrics.min_k_plus_plus_z). stats may also be one bool per
+    pair (dicts for those pairs only).
+
+    Pairs with the same prompt share one pass over it (its keys/values are reused for each target: a
+    question's answer, paraphrase and perturbed answers), up to batch_size targets per pass; logits are
+    taken at the target positions only. The values are those of one plain forward per pair (tests).
     """
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
-    out: list[torch.Tensor | None] = [None] * len(prompts)
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        idx = order[start:start + batch_size]
-        enc = encode_pairs(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx],
-                           max_length=max_length, add_eos=add_eos)
-        enc = {k: v.to(device) for k, v in enc.items()}
+    want = [bool(s) for s in stats] if isinstance(stats, (list, tuple)) else [bool(stats)] * len(prompts)
+    out: list = [torch.zeros(0)] * len(prompts)
+    if not len(prompts):
+        return out
+    pairs = _pair_ids(encode_pairs(tokenizer, prompts, targets, max_length=max_length, add_eos=add_eos))
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, t) in enumerate(pairs):
+        if t:
+            groups.setdefault(tuple(p), []).append(i)
+    chunks, cur = [], []
+    for p in sorted(groups, key=lambda p: len(p) + max(len(pairs[i][1]) for i in groups[p])):
+        for s in range(0, len(groups[p]), batch_size):
+            piece = groups[p][s:s + batch_size]
+            if cur and len(cur) + len(piece) > batch_size:
+                chunks.append(cur)
+                cur = []
+            cur += piece
+    chunks += [cur] if cur else []
+    for idx in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+        keys = list(dict.fromkeys(tuple(pairs[i][0]) for i in idx))   # the distinct prompts
+        where = {p: k for k, p in enumerate(keys)}
         with _autocast(model, autocast_dtype):
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-        labels = enc["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        mask = labels != -100
-        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        if stats:
-            extra = _token_stats(logp, labels, mask)
-        picked, mask = picked.cpu(), mask.cpu()
-        for j, i in enumerate(idx):
-            out[i] = picked[j][mask[j]]
-        if stats:
-            per_row = zip(*(t.split(mask.sum(1).tolist()) for t in extra))
-            for i, (target, argmax, mu, var) in zip(idx, per_row):
+            logits = _target_logits(model, [list(p) for p in keys], [pairs[i][1] for i in idx],
+                                    [where[tuple(pairs[i][0])] for i in idx], device)
+        skip = [0 if pairs[i][0] else 1 for i in idx]   # no prompt: the first token has no prediction
+        counts = [len(pairs[i][1]) - s for i, s in zip(idx, skip)]
+        target = torch.tensor([x for i, s in zip(idx, skip) for x in pairs[i][1][s:]], device=device)
+        lse = torch.logsumexp(logits, -1)
+        picked = (logits.gather(1, target[:, None])[:, 0] - lse).cpu()
+        for i, x in zip(idx, picked.split(counts)):
+            out[i] = x
+        rows = [k for k, i in enumerate(idx) if want[i]]
+        if rows:
+            keep = torch.repeat_interleave(torch.tensor([want[i] for i in idx]), torch.tensor(counts)).to(device)
+            extra = _token_stats(logits[keep].sub_(lse[keep][:, None]), target[keep])
+            for k, (tg, am, mu, var) in zip(rows, zip(*(t.split([counts[k] for k in rows]) for t in extra))):
+                i = idx[k]
                 z = metrics.min_k_plus_plus_z(out[i].numpy(), mu.numpy(), var.numpy())
-                out[i] = {"logprob": out[i], "target": target, "argmax": argmax,
-                          "z": torch.from_numpy(z.astype(np.float32))}
+                out[i] = {"logprob": out[i], "target": tg, "argmax": am, "z": torch.from_numpy(z.astype(np.float32))}
+    for i, (p, t) in enumerate(pairs):   # nothing to score: empty tensors (and stats)
+        if want[i] and not isinstance(out[i], dict):
+            e = torch.zeros(0, dtype=torch.long)
+            out[i] = {"logprob": out[i], "target": e, "argmax": e, "z": torch.zeros(0)}
     return out
 
 
-def _token_stats(logp, labels, mask):
-    """At the target positions of a batch (flattened, row-major): target ids, argmax ids, and the mean and
-    variance of log p under the next-token distribution (Min-K%++). One exp, no extra forward."""
-    sel = logp[mask].clamp_(min=-1e4)   # a copy we own; the clamp keeps 0 * log 0 finite (exp(-1e4) = 0)
+def _token_stats(logp, target):
+    """At the scored target tokens (rows of log-probs over the vocabulary, a copy we own): target ids,
+    argmax ids, and the mean and variance of log p under the next-token distribution (Min-K%++)."""
+    sel = logp.clamp_(min=-1e4)   # the clamp keeps 0 * log 0 finite (exp(-1e4) = 0)
     argmax = sel.argmax(-1)
     p = sel.exp()
     mu = torch.einsum("nv,nv->n", p, sel)
     # centred E[(log p - mu)^2], in place: E[log^2 p] - mu^2 cancels badly in float32 for flat distributions
     var = torch.einsum("nv,nv->n", p, sel.sub_(mu[:, None]).square_())
-    return labels[mask].cpu(), argmax.cpu(), mu.double().cpu(), var.double().cpu()
+    return target.cpu(), argmax.cpu(), mu.double().cpu(), var.double().cpu()
 
 
+class _PrefixCache:
+    """KV cache (duck-typed for HF's `cache=`) that scores many targets after one shared prompt: the prompt
+    pass stores each layer's keys/values; the target pass prepends them, row-expanded (`rows`: the prompt
+    of each target row), so a question's prefix is computed once for its answer, paraphrase and perturbations."""
+
+    def __init__(self):
+        self.k, self.v, self.rows = [], [], None
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.rows is None:
+            self.k.append(key)
+            self.v.append(value)
+            return key, value
+        return (torch.cat([self.k[layer_idx][self.rows], key], 2),
+                torch.cat([self.v[layer_idx][self.rows], value], 2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.rows is None else self.k[0].shape[2]
+
+
+def _pair_ids(enc) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, target ids) of each row of an encode_pairs batch (its truncation and EOS included)."""
+    out = []
+    for ids, labels, mask in zip(enc["input_ids"], enc["labels"], enc["attention_mask"]):
+        n = int(mask.sum())
+        n_prompt = int((labels[:n] == -100).sum())
+        seq = ids[:n].tolist()
+        out.append((seq[:n_prompt], seq[n_prompt:]))
+    return out
+
+
+def _target_logits(model, prompts: list[list[int]], targets: list[list[int]], row_prompt: list[int], device):
+    """Logits predicting every scored target token ([tokens, vocab], float32, pair-major) for targets that
+    share `prompts` (row_prompt[r]: the prompt of target r): one pass over the prompts, then one over the
+    targets with the prompts' keys/values. An empty prompt (a whole text) leaves its first token unscored,
+    as a plain forward does."""
+    width = max(map(len, prompts))
+    cache = _PrefixCache()
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    g = torch.tensor(row_prompt, device=device)
+    first = None
+    if width:
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        start = width - lengths
+        cols = torch.arange(width, device=device)
+        allowed = (cols[:, None] >= cols[None, :]) & (cols[None, None, :] >= start[:, None, None])
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
+        first = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
+                         position_ids=(cols[None, :] - start[:, None]).clamp(min=0), logits_to_keep=1).float()
+        cache.rows = g
+    span = max(map(len, targets))
+    ids = torch.tensor([t + [0] * (span - len(t)) for t in targets], device=device)
+    cols = torch.arange(span, device=device)
+    allowed = (cols[:, None] >= cols[None, :]).expand(len(targets), 1, span, span)
+    if width:
+        seen = (torch.arange(width, device=device)[None, :] >= (width - lengths)[g][:, None])
+        allowed = torch.cat([seen[:, None, None, :].expand(-1, 1, span, -1), allowed], -1)
+    logits = model(input_ids=ids, attention_mask=_attention_mask(model, allowed),
+                   position_ids=lengths[g][:, None] + cols[None, :], use_cache=True, **_cache_arg(model, cache)).logits
+    parts = []
+    for r, t in enumerate(targets):   # targets are not empty (token_logprobs skips those)
+        if len(prompts[row_prompt[r]]):
+            parts.append(first[row_prompt[r]:row_prompt[r] + 1])
+        parts.append(logits[r, :len(t) - 1].float())
+    return torch.cat(parts)
+
+
+class _SlotCache:
+    """KV cache of the decode loop (duck-typed for HF's `cache=`): per layer one preallocated
+    [slots, kv_heads, capacity, head_dim] buffer. Slot j holds batch row j, its tokens in columns
+    [start_j, length_j) (left padding before). A decode step writes each row's new key/value at that row's
+    own column, so rows of different lengths share a batch, and a finished row's slot takes the next
+    prompt (continuous batching) while the others stay where they are: no per-step concatenation."""
+
+    def __init__(self, slots: int, capacity: int):
+        self.slots, self.capacity = slots, capacity
+        self.k, self.v = [], []
+        self.rows = slice(0, 0)   # the slots this forward reads and writes
+        self.cols = None          # decode: write column per row ([B] tensor); prefill: None (columns 0..q-1)
+        self.width = 0            # decode: columns attention reads
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if layer_idx == len(self.k):  # first forward: allocate this layer's buffers
+            shape = (self.slots, key.shape[1], self.capacity, key.shape[3])
+            self.k.append(key.new_zeros(shape))
+            self.v.append(value.new_zeros(shape))
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if self.cols is None:
+            q = key.shape[2]
+            k[self.rows, :, :q], v[self.rows, :, :q] = key, value
+            return key, value
+        b = torch.arange(self.rows.start, self.rows.stop, device=key.device)
+        k[b, :, self.cols], v[b, :, self.cols] = key[:, :, 0], value[:, :, 0]
+        return k[self.rows, :, :self.width], v[self.rows, :, :self.width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.cols is None else self.width - 1
+
+    def move(self, src: int, dst: int, width: int) -> None:
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :width], v[dst, :, :width] = k[src, :, :width], v[src, :, :width]
+
+
+def _attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask HF passes through as is: bool for sdpa, additive float for eager and the others."""
+    if model.config._attn_implementation == "sdpa":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def _cache_arg(model, cache) -> dict:
+    # transformers 5 names it `cache`, 4.x `past_key_values`
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def _forward(model, cache, **kw):
+    """Logits at the last position."""
+    return model(**kw, **_cache_arg(model, cache), use_cache=True).logits[:, -1]
+
+
+def _prefill(model, cache, seqs, first_slot, pad_id, device):
+    """Left-padded prompts into slots first_slot.., their first greedy token."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
+    start = torch.tensor([width - len(s) for s in seqs], device=device)
+    cols = torch.arange(width, device=device)
+    allowed = (cols[:, None] >= cols[None, :]) & (cols[None, None, :] >= start[:, None, None])
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
+    cache.rows, cache.cols = slice(first_slot, first_slot + len(seqs)), None
+    logits = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
+                      position_ids=(cols[None, :] - start[:, None]).clamp(min=0), logits_to_keep=1)
+    return logits.argmax(-1)
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, eos_token_id, pad_token_id=0,
+                  batch_size: int = 16, autocast_dtype=None, desc=None, progress=False) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt (EOS included when emitted), in input order.
+
+    Continuous batching: up to batch_size rows decode together; a row leaves the batch at its EOS (or at
+    max_new_tokens) and the next prompt takes its slot, so no step is spent on finished rows. Each row
+    computes exactly what model.generate computes for it alone (same positions, masked padding); batch
+    neighbours change float rounding only, which can flip a greedy choice only at a near-tie of logits."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    if not prompt_ids or max_new_tokens < 1:
+        return out
+    queue = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # pop(): longest first
+    slots = max(1, min(batch_size, len(prompt_ids)))
+    cache = _SlotCache(slots, max(map(len, prompt_ids)) + max_new_tokens)
+    rows, start, length = [], [], []   # per slot: row index, first column of its tokens, columns filled
+    nxt = torch.zeros(slots, dtype=torch.long, device=device)   # each slot's token not yet in the cache
+    bar = tqdm(total=len(prompt_ids), desc=desc, disable=not progress, leave=False)
+    with _autocast(model, autocast_dtype):
+        while queue or rows:
+            if queue and len(rows) < slots:   # refill free slots from the queue
+                new = [queue.pop() for _ in range(min(slots - len(rows), len(queue)))]
+                seqs = [prompt_ids[i] for i in new]
+                nxt[len(rows):len(rows) + len(new)] = _prefill(model, cache, seqs, len(rows), pad_token_id, device)
+                width = max(map(len, seqs))
+                rows += new
+                start += [width - len(s) for s in seqs]
+                length += [width] * len(new)
+            tokens = nxt[:len(rows)].tolist()   # the one host sync per step
+            done = []
+            for j, (i, t) in enumerate(zip(rows, tokens)):
+                out[i].append(t)
+                if t == eos_token_id or len(out[i]) >= max_new_tokens:
+                    done.append(j)
+            for j in reversed(done):   # the last slot's row moves into the hole
+                last = len(rows) - 1
+                if j != last:
+                    cache.move(last, j, length[last])
+                    nxt[j] = nxt[last]
+                    rows[j], start[j], length[j] = rows[last], start[last], length[last]
+                rows.pop(), start.pop(), length.pop()
+            bar.update(len(done))
+            if not rows:
+                continue
+            b, width = len(rows), max(length) + 1
+            at = torch.tensor(length, device=device)
+            first = torch.tensor(start, device=device)
+            cols = torch.arange(width, device=device)
+            allowed = (cols[None, :] >= first[:, None]) & (cols[None, :] <= at[:, None])
+            cache.rows, cache.cols, cache.width = slice(0, b), at, width
+            logits = _forward(model, cache, input_ids=nxt[:b, None],
+                              attention_mask=_attention_mask(model, allowed[:, None, None]),
+                              position_ids=(at - first)[:, None])
+            nxt[:b] = logits.argmax(-1)
+            length = [n + 1 for n in length]
+    bar.close()
+    return out
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens, batch_size=16, max_length=512,
              autocast_dtype=None, desc=None, progress=False, stop=None) -> list[str]:
-    """Greedy continuations (special tokens dropped, cut at EOS and at `stop` if given), in input order."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str | None] = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = order[start:start + batch_size]
-        enc = encode_prompts(tokenizer, [prompts[i] for i in idx], max_length=max_length)
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        with _autocast(model, autocast_dtype):
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, use_cache=True)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        for j, i in enumerate(idx):
-            text = tokenizer.decode(new[j], skip_special_tokens=True)
-            if stop and stop in text:
-                text = text[:text.index(stop)]
-            out[i] = text.strip()
+    """Greedy continuations (special tokens dropped, cut at EOS and at `stop` if given), in input order.
+    Decoded by greedy_decode (continuous batching, batch_size rows at a time)."""
+    enc = encode_prompts(tokenizer, prompts, max_length=max_length)
+    ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+    new = greedy_decode(model, ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=_pad_id(tokenizer), batch_size=batch_size, autocast_dtype=autocast_dtype,
+                        desc=desc, progress=progress)
+    out = []
+    for tokens in new:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if stop and stop in text:
+            text = text[:text.index(stop)]
+        out.append(text.strip())
     return out
 
 
@@ -167,7 +379,16 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
     eos = opts["score_eos"] and tokenizer.eos_token_id is not None
     score = dict(batch_size=opts["batch_size"], autocast_dtype=opts["autocast_dtype"],
                  progress=opts["progress"], add_eos=eos)
-    ans = token_logprobs(model, tokenizer, prompts, answers, desc=f"{name}: answers", stats=True, **score)
+    # one scoring call: a question's answer, paraphrase and perturbed answers share one pass over its prompt
+    pert = [list(p) for p in ds["perturbed_answer"]] if "perturbed_answer" in ds.column_names else []
+    para = list(ds["paraphrased_answer"]) if pert and "paraphrased_answer" in ds.column_names else []
+    flat_prompts = [p for p, ps in zip(prompts, pert) for _ in ps]
+    flat_targets = [a for ps in pert for a in ps]
+    n, n_para = len(answers), len(para)
+    scored = token_logprobs(model, tokenizer, prompts + prompts[:n_para] + flat_prompts,
+                            answers + para + flat_targets, desc=f"{name}: answers",
+                            stats=[True] * n + [False] * (n_para + len(flat_targets)), **score)
+    ans = scored[:n]
     ans_lp = [a["logprob"] for a in ans]
     rows = pd.DataFrame({
         "set": name, "row": list(ds["row"]) if "row" in ds.column_names else range(len(ds)),
@@ -184,17 +405,11 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
     # open-unlearning's zlib attack: mean answer NLL / compressed answer length (checked on its logs)
     rows["zlib"] = [metrics.zlib_score(l, a) for l, a in zip(rows["loss"], answers)]
 
-    if "perturbed_answer" in ds.column_names:
+    if pert:
         # truth ratio: paraphrased answer (or the answer itself where no paraphrase exists, as for
-        # real authors / world facts) against every perturbed answer, all in one batched pass
-        para = list(ds["paraphrased_answer"]) if "paraphrased_answer" in ds.column_names else answers
-        pert = [list(p) for p in ds["perturbed_answer"]]
-        flat_prompts = [p for p, ps in zip(prompts, pert) for _ in ps]
-        flat_targets = [a for ps in pert for a in ps]
-        pert_lp = token_logprobs(model, tokenizer, flat_prompts, flat_targets,
-                                 desc=f"{name}: perturbed", **score)
-        para_lp = (ans_lp if para is answers else
-                   token_logprobs(model, tokenizer, prompts, para, desc=f"{name}: paraphrased", **score))
+        # real authors / world facts) against every perturbed answer
+        pert_lp = scored[n + n_para:]
+        para_lp = scored[n:n + n_para] if n_para else ans_lp
         pert_mean, k = [], 0
         for ps in pert:
             pert_mean.append([_mean(t) for t in pert_lp[k:k + len(ps)]])
@@ -207,22 +422,33 @@ def _qa_set(model, tokenizer, ds, name, *, generate_answers, opts) -> pd.DataFra
             for l, pl in zip(rows["loss"], pert_mean)]
 
     if generate_answers:
-        rows["generation"] = generate(model, tokenizer, prompts, max_new_tokens=opts["max_new_tokens"],
-                                      batch_size=opts["batch_size"], autocast_dtype=opts["autocast_dtype"],
-                                      desc=f"{name}: generate", progress=opts["progress"])
-        rows["rouge"] = [metrics.rouge_l_recall(g, a) for g, a in zip(rows["generation"], answers)]
+        _generate_answers(model, tokenizer, [rows], opts)
     return rows
 
 
+def _generate_answers(model, tokenizer, frames, opts) -> None:
+    """Greedy answers and their ROUGE-L recall for QA-set frames, every prompt in ONE decode queue:
+    continuous batching keeps the batch full across sets instead of draining it at each set's end."""
+    prompts = [format_question(tokenizer, q) for f in frames for q in f["question"]]
+    out = iter(generate(model, tokenizer, prompts, max_new_tokens=opts["max_new_tokens"],
+                        batch_size=opts.get("gen_batch_size", opts["batch_size"]),
+                        autocast_dtype=opts["autocast_dtype"], desc="generate", progress=opts["progress"]))
+    for f in frames:
+        f["generation"] = [next(out) for _ in range(len(f))]
+        f["rouge"] = [metrics.rouge_l_recall(g, a) for g, a in zip(f["generation"], f["answer"])]
+
+
 def evaluate_tofu(model, tokenizer, benchmark, reference=None, *, batch_size=16, max_new_tokens=None,
-                  limit=None, mia_k=0.4, autocast_dtype=None, progress=True, score_eos=True, **options) -> dict:
+                  limit=None, mia_k=0.4, autocast_dtype=None, progress=True, score_eos=True, gen_batch_size=64,
+                  **options) -> dict:
     """score_eos: answers scored with their EOS (default, TOFU / open-unlearning) or without (False).
+    gen_batch_size: rows decoded together (continuous batching; the generations do not depend on it).
     options (METHODS §6, recorded in result["options"]): truth_ratio_aggregators {set: aggregator name}
     (defaults DEFAULT_TRUTH_RATIO_AGGREGATORS), privleak_score (the MIA score PrivLeak uses, "min_k"),
     mia_gradnorm (False skips GradNorm's per-sample backward), es_no_match ("zero" or "open_unlearning")."""
     opts = _eval_options(dict(batch_size=batch_size, max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["tofu"],
                               mia_k=mia_k, autocast_dtype=autocast_dtype, progress=progress,
-                              score_eos=bool(score_eos)), **options)
+                              score_eos=bool(score_eos), gen_batch_size=gen_batch_size), **options)
     sets = benchmark.eval_sets
     need = ["forget", *TOFU_UTILITY_SETS, "holdout"]
     missing = [s for s in need if s not in sets]
@@ -231,7 +457,8 @@ def evaluate_tofu(model, tokenizer, benchmark, reference=None, *, batch_size=16,
     frames = []
     for name in need:
         ds = sets[name] if limit is None else sets[name].select(range(min(limit, len(sets[name]))))
-        frames.append(_qa_set(model, tokenizer, ds, name, generate_answers=name != "holdout", opts=opts))
+        frames.append(_qa_set(model, tokenizer, ds, name, generate_answers=False, opts=opts))
+    _generate_answers(model, tokenizer, [f for f, name in zip(frames, need) if name != "holdout"], opts)
     rows = pd.concat(frames, ignore_index=True)
     ref_eos = (reference.get("options") or {}).get("score_eos") if isinstance(reference, dict) else None
     if ref_eos is not None and ref_eos != opts["score_eos"]:
