@@ -187,7 +187,7 @@ def cmd_unlearn(args) -> None:
     from lab.engine import UnlearnConfig, unlearn
     cfg = _config_from_args(args, UnlearnConfig, (
         "method", "model", "benchmark", "seed", "lr", "epochs", "max_steps", "batch_size",
-        "micro_batch_size", "eval_every", "eval_limit", "diagnostics", "probes", "save_model", "parallel"))
+        "micro_batch_size", "eval_every", "eval_limit", "diagnostics", "probes", "save_model", "parallel", "lora"))
     _check_ranges(cfg)
     _check_model(cfg.get("model"))
     from lab import runs
@@ -418,6 +418,9 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
                     help="under torchrun / accelerate launch: ddp (replicated weights) or fsdp (FSDP2 shards); "
                          "default none = one process (README 'Scaling out')")
+    sp.add_argument("--lora", metavar="SPEC",
+                    help="train peft LoRA adapters only, e.g. r=16,alpha=32,dropout=0,targets=q_proj,k_proj,v_proj,o_proj "
+                         "(evaluation and --save-model on the merged model; the adapter in <run>/adapter)")
     sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("continual", help="continual unlearning: a sequence of forget tasks, evaluated after each",

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from lab.progress import tqdm   # one line per bar when stderr is not a terminal
 
-from lab import distributed, geometry, runs
+from lab import distributed, geometry, lora, runs
 from lab.methods import (Method, Term, combine, direction_coefficients, fit_to_model, get_method,
                          retain_term_weights, retain_weight)
 from lab.objectives import ObjectiveContext, get_objective, sequence_logprob
@@ -78,6 +78,7 @@ class UnlearnConfig:
     parallel: str = "none"                  # none | ddp | fsdp: under torchrun / accelerate launch (lab.distributed)
     probes: list = dataclasses.field(default_factory=list)         # lab.probes on the final model (METHODS §8)
     probe_options: dict = dataclasses.field(default_factory=dict)  # lab.probes.DEFAULTS overrides
+    lora: str | dict | None = None          # peft LoRA adapters: "r=16,alpha=32,dropout=0,targets=q_proj,v_proj" (lab.lora)
 
     def __post_init__(self):
         if self.schedule not in ("constant", "linear"):
@@ -95,6 +96,11 @@ class UnlearnConfig:
         get_method(self.method, **self.method_args)  # validates name and options early
         if self.parallel not in distributed.MODES:
             raise ValueError(f"parallel={self.parallel!r}; valid: {', '.join(distributed.MODES)}")
+        from lab.lora import parse_spec
+        self.lora = parse_spec(self.lora)   # recorded as the full dict (r, alpha, dropout, targets)
+        if self.lora and (self.parallel == "fsdp" or get_method(self.method, **self.method_args)[0].trainable):
+            raise ValueError("lora: not with --parallel fsdp or a method that picks its own trainable "
+                             "weights (rmu); use --parallel none|ddp")
         from lab.eval import metric_options
         self.eval_options = metric_options(**self.eval_options)  # recorded with the defaults filled in
         if self.probes or self.probe_options:  # recorded with their defaults filled in
@@ -322,14 +328,15 @@ def make_context(model, method: Method, args, forget, tokenizer, cfg: UnlearnCon
     autocast_dtype = getattr(torch, cfg.autocast) if cfg.autocast else None
     ctx = ObjectiveContext(args=args, autocast_dtype=autocast_dtype)
     if "ref_model" in needs:
-        ctx.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ctx.ref_model = lora.base_copy(model).eval().requires_grad_(False)   # theta_0 without adapters
     if "rmu" in needs:
         g = torch.Generator().manual_seed(cfg.seed)
         u = torch.rand(model.config.hidden_size, generator=g)
         ctx.rmu_direction = u / u.norm()      # fixed random unit vector (WMDP RMU)
     if needs & {"ref_logprob", "ref_token_logprob"}:  # log-probs at theta_0 never change: compute once
-        ctx.ref_logprob = _reference_logprobs(model, tokenizer, forget, cfg, idk_answers, autocast_dtype,
-                                              tokens="ref_token_logprob" in needs)
+        with lora.adapters_off(model):   # the base model's log-probs (LoRA's B = 0 gives the same at init)
+            ctx.ref_logprob = _reference_logprobs(model, tokenizer, forget, cfg, idk_answers, autocast_dtype,
+                                                  tokens="ref_token_logprob" in needs)
     return ctx
 
 
@@ -686,6 +693,8 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
             raise ValueError("probes run in one process: leave them out under --parallel ddp|fsdp")
     model, tok, bench, reference, initial, extra = load_starting_point(cfg)
     args = fit_to_model(method, args, model)     # the config records the model-dependent defaults
+    if cfg.lora:   # the gradient lists become the adapter parameters (peft freezes the base)
+        model = lora.wrap(model, cfg.lora, seed=cfg.seed)
     idk = load_idk() if any(t.objective in ("idk", "dpo") for t in method.forget) else None
     autocast_dtype = getattr(torch, cfg.autocast) if cfg.autocast else None
     config = _config_dict(cfg, method, args, bench, extra)
@@ -698,8 +707,8 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
             run.log_eval({"step": 0, "epoch": 0, "checkpoint": "initial", **initial["metrics"]},
                          rows=initial["rows"])
 
-        def evaluate_fn(step, epoch):
-            res = distributed.evaluate(model, tok, bench, par, reference=reference, limit=cfg.eval_limit,
+        def evaluate_fn(step, epoch):   # LoRA: on a merged copy, so training goes on unchanged after it
+            res = distributed.evaluate(lora.merged_copy(model), tok, bench, par, reference=reference, limit=cfg.eval_limit,
                                        score_eos=cfg.score_eos, batch_size=cfg.eval_batch_size,
                                        autocast_dtype=autocast_dtype, progress=progress, **cfg.eval_options)
             if res is not None:   # rank 0 (or one process): the metrics of all rows
@@ -719,11 +728,14 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
             raise runs.RunStopped(f"{method.name} diverged: {e}. Trace so far and the last good weights "
                                   f"({run.path / 'last_good'}) are kept.", status="diverged") from None
         evaluate_fn(state.step, state.trace[-1]["epoch"] if state.trace else 0)
+        final_model = lora.merged_copy(model)   # LoRA: W + BA as a plain model; otherwise the model
         if cfg.save_model:
-            distributed.save_pretrained(model, tok, run.path and run.path / "model", par)
+            distributed.save_pretrained(final_model, tok, run.path and run.path / "model", par)
+            if cfg.lora and par.is_writer:
+                lora.save_adapter(model, run.path / "adapter")
         if cfg.probes:  # robustness probes on the final model: one more eval record each (lab.probes)
             from lab.probes import run_probes
-            run_probes(model, tok, cfg, run, bench=bench, step=state.step, progress=progress,
+            run_probes(final_model, tok, cfg, run, bench=bench, step=state.step, progress=progress,
                        epoch=state.trace[-1]["epoch"] if state.trace else 0)
         run.write_summary(metrics=final, steps=state.step, seconds=round(time.time() - t0, 2))
     import pandas as pd
