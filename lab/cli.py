@@ -250,6 +250,15 @@ PROBE_OPT_HELP = ("probe options, e.g. relearn_steps=20 relearn_fraction=0.2 rel
 RESUME_KEEPS = {"resume", "runs", "func", "command", "data", "debug"}   # continual flags that --resume accepts
 
 
+def cmd_plan(args) -> None:
+    from lab.plan import format_plan, plan, to_json
+    p = plan(args.model, args.method, parallel=args.parallel, gpus=args.gpus, lora=args.lora,
+             batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+             dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, gpu_memory=args.gpu_memory,
+             diagnostics=args.diagnostics)
+    print(to_json(p) if args.json else format_plan(p))
+
+
 def cmd_methods(args) -> None:
     import pandas as pd
     from lab.methods import list_methods
@@ -457,6 +466,23 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--resume", metavar="RUN", help="an interrupted continual run (its folder, or its id under "
                                                     "--runs); no flags that would change it")
     sp.set_defaults(func=cmd_continual)
+
+    sp = sub.add_parser("plan", help="predicted memory per device of a run (weights, gradient lists, optimizer "
+                                     "state, activations) and whether it fits")
+    sp.add_argument("--model", required=True, help="tiny, smollm2-135m, llama-2-7b, phi-1.5, ... or a hub name")
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"])
+    sp.add_argument("--gpus", type=int, default=1)
+    sp.add_argument("--lora", help="r=16,alpha=32,targets=q_proj,k_proj,v_proj,o_proj")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--micro-batch-size", type=int)
+    sp.add_argument("--max-length", type=int, default=512)
+    sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    sp.add_argument("--gradient-checkpointing", action="store_true")
+    sp.add_argument("--diagnostics", action="store_true", help="diagnostic steps (g_r and the pre-step buffer)")
+    sp.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("bench", help="engine benchmark: step time / memory of each method vs the floor",
                         add_help=False)
