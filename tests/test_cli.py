@@ -150,7 +150,9 @@ def test_bad_model_name_fails_before_prepare_starts_workers(monkeypatch, capsys)
     assert "unknown model 'no-such-model'" in _one_error_line(capsys.readouterr().err, "prepare")
 
 
-def test_null_field_in_a_data_row_names_file_and_row(shared_data, tmp_path, capsys):
+def test_null_field_in_a_data_row_names_file_and_row(shared_data, tmp_path, capsys, monkeypatch):
+    # main() exports --data as $LAB_DATA for the process: restore it for the tests that run after this one
+    monkeypatch.setenv("LAB_DATA", str(shared_data))
     root = tmp_path / "data"
     shutil.copytree(shared_data / "tofu", root / "tofu")
     full = root / "tofu" / "full.json"
