@@ -347,18 +347,3 @@ def test_unlearn_config_records_eval_metric_options_with_defaults():
         UnlearnConfig(method="ga", eval_options={"privleak_score": "minkpp"})
     with pytest.raises(ValueError, match="unknown evaluation options \\['gradnorm'\\]; valid: truth_ratio_aggregators"):
         UnlearnConfig(method="ga", eval_options={"gradnorm": False})
-
-
-def test_initial_record_is_computed_on_the_rows_of_the_later_records(prepared_tiny, tmp_path):
-    """Same rows (METHODS §6): with eval_limit the 'initial' record (from prepare's full evaluation) is
-    cut to the evaluated rows, FQ / PrivLeak included, like every later record."""
-    from lab.eval import restrict_eval
-    res = engine.unlearn(method="ga", max_steps=1, eval_limit=5, runs_root=str(tmp_path), progress=False)
-    rec = runs.load_run(res.run_dir)
-    pairs = {c: g[["set", "row"]].reset_index(drop=True) for c, g in rec.rows.groupby("checkpoint")}
-    assert len(pairs["initial"]) == 5 * 5 and pairs["initial"].equals(pairs["unlearned"])
-    initial = rec.evals.set_index("checkpoint").loc["initial"]
-    expected = restrict_eval(prepared_tiny.target_eval, 5, prepared_tiny.retain_eval)["metrics"]
-    assert initial["forget_quality"] == pytest.approx(expected["forget_quality"])
-    assert initial["forget_quality"] != pytest.approx(prepared_tiny.target_eval["metrics"]["forget_quality"])
-    assert rec.config["score_eos"] is True          # the scoring convention is in config.yaml
