@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import time
 from pathlib import Path
 
@@ -85,9 +86,16 @@ class UnlearnConfig:
             raise ValueError(f"schedule={self.schedule!r}; valid: 'constant', 'linear'")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer={self.optimizer!r}; valid: 'adamw', 'sgd'")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # the same ranges as the CLI flags (lab.cli), so the Python API refuses them before any work too
+        for name, low, optional in (("epochs", 1, False), ("batch_size", 1, False), ("max_steps", 1, True),
+                                    ("micro_batch_size", 1, True), ("retain_batch_size", 1, True),
+                                    ("eval_limit", 1, True), ("eval_every", 1, True), ("eval_batch_size", 1, False),
+                                    ("diagnostics", 0, False), ("warmup_steps", 0, False), ("max_length", 1, False)):
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name}={value!r}; valid: an int >= {low}" + (" or None" if optional else ""))
         mb = self.micro_batch_size or self.batch_size
         if self.batch_size % mb or (self.retain_batch_size or self.batch_size) % mb:
             raise ValueError(f"micro_batch_size={mb} must divide batch_size={self.batch_size} and "
