@@ -73,9 +73,28 @@ def test_smoke_profile_executes(name, prepared_tiny, tmp_path):
         assert not rec.evals.empty
     listed = runs.list_runs(tmp_path / "runs")
     assert len(listed) == len(found) and listed["method"].notna().all()
+    if name == "00_quickstart":   # section 6 ran every family method; PDU traced its dual weight each step
+        values = {**report.notebook_parameters(name), **report.profile_parameters(name, "smoke")}
+        by_method = {rec.config.get("method"): rec for rec in map(runs.load_run, found)}
+        assert set(values["family_methods"]) <= set(by_method), (values["family_methods"], sorted(by_method))
+        pdu_trace = by_method["pdu"].trace
+        assert len(pdu_trace) == values["family_max_steps"] and pdu_trace["dual_retain_weight"].notna().all()
     if name in claims.PAPERS and name != "00_quickstart":   # every paper notebook feeds the claims ledger
         ledger = claims.load(tmp_path / f"{name}-smoke.claims.json")
         assert ledger["claims"] and ledger["profile"] == "smoke" and ledger["notebook"] == name
+
+
+def test_quickstart_family_section_runs_one_method_of_each_family():
+    """Section 6 of the quickstart, every profile: registered methods, one per new open-unlearning family
+    (by forget objective), and the demo's step budget stays short (at most 10 steps per method)."""
+    from lab.methods import get_method
+    defaults = report.notebook_parameters("00_quickstart")
+    for profile in PROFILES:
+        values = {**defaults, **report.profile_parameters("00_quickstart", profile)}
+        families = sorted(get_method(m)[0].forget[0].objective for m in values["family_methods"])
+        assert families == ["ceu", "pdu", "satimp", "undial"], (profile, values["family_methods"])
+    demo = {**defaults, **report.profile_parameters("00_quickstart", "demo")}
+    assert demo["family_max_steps"] is not None and 1 <= demo["family_max_steps"] <= 10
 
 
 def test_gru_gpu_profile_sets_tau_per_base_as_gru_appendix_d():
