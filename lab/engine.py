@@ -660,8 +660,16 @@ def _config_dict(cfg: UnlearnConfig, method: Method, args: dict, bench, extra=No
                retain_terms=[dataclasses.asdict(t) for t in method.retain],
                benchmark=bench.name, benchmark_config=bench.config, protocol=None,
                lr=cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None]),
-               trace_columns=runs.TRACE_COLUMNS, **(extra or {}))
+               trace_columns=runs.TRACE_COLUMNS, conventions=conventions(cfg, args), **(extra or {}))
     return out
+
+
+def conventions(cfg: UnlearnConfig, args: dict) -> dict:
+    """The scoring / objective conventions of a run (METHODS §1, §6), one block in every config.yaml:
+    score_eos, and each named option of lab.methods.CHOICES (kl_form, simnpo_margin, pcgrad_form) with
+    the value the method used, or None where the method has no term it changes."""
+    from lab.methods import CHOICES
+    return {"score_eos": cfg.score_eos, **{name: args.get(name) for name in CHOICES}}
 
 
 def load_starting_point(cfg: UnlearnConfig):

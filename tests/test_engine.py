@@ -345,6 +345,25 @@ def test_initial_record_is_computed_on_the_rows_of_the_later_records(prepared_ti
     assert initial["forget_quality"] == pytest.approx(expected["forget_quality"])
     assert initial["forget_quality"] != pytest.approx(prepared_tiny.target_eval["metrics"]["forget_quality"])
     assert rec.config["score_eos"] is True          # the scoring convention is in config.yaml
+    assert rec.config["conventions"] == {"score_eos": True, "kl_form": None, "simnpo_margin": None, "pcgrad_form": None}
+
+
+@pytest.mark.parametrize("method,args,expected", [
+    ("npo_gd", {}, {"score_eos": True, "kl_form": None, "simnpo_margin": None, "pcgrad_form": None}),
+    ("npo_kl", {"kl_form": "reverse_answer"}, {"kl_form": "reverse_answer", "simnpo_margin": None}),
+    ("simnpo", {}, {"simnpo_margin": "paper", "kl_form": None}),
+    ("pcgrad", {}, {"pcgrad_form": "symmetric"}),
+])
+def test_every_config_records_the_conventions_block(method, args, expected):
+    """config.yaml's `conventions`: score_eos and every METHODS option (None where the method has no term it
+    changes), so a reader of any run sees which convention its numbers follow."""
+    from lab.methods import CHOICES
+    cfg = UnlearnConfig(method=method, method_args=args, score_eos=True)
+    m, full_args = get_method(method, **args)
+    block = engine.conventions(cfg, full_args)
+    assert set(block) == {"score_eos", *CHOICES}
+    assert {k: block[k] for k in expected} == expected
+    assert engine.conventions(dataclasses.replace(cfg, score_eos=False), full_args)["score_eos"] is False
 
 
 def test_unlearn_config_records_eval_metric_options_with_defaults():
