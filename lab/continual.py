@@ -10,8 +10,11 @@ Protocols: `sequential` (task t starts from theta^{t-1} and sees only D_u^t + th
 `independent` (every task from theta_0), `joint` (task t unlearns D_u^1 u ... u D_u^t from theta_0).
 Methods: any engine method (lab.methods: ga_rt, npo_gd, npo_kl, gru_*, blur_*, ngdiff, ...), the
 model-arithmetic methods `tv` and ALKN (`alkn`, `alkn_wo_esl`, `alkn_wo_dgs`, `alkn_wo_apm`; lab.alkn)
-and `tru` (lab.taskvec). Baselines (everything but ALKN) halve the lr after each sequential task
-(ALKN App. E.1; `lr_decay`). ALKN's union mask M carries over tasks in the sequential protocol only.
+and `tru` (lab.taskvec). Baselines (everything but ALKN) halve the lr after each task (ALKN App. E.1;
+`lr_decay`). `lr_schedule`: `per_task` (default) = task t uses lr * lr_decay**t in every protocol, so
+sequential / independent / joint compare at the same per-task lr (ALKN fig. 2b); `sequential_only` = the
+decay applies to the sequential protocol only (independent / joint keep lr; the lab's runs before this
+option). ALKN's union mask M carries over tasks in the sequential protocol only.
 
 Benchmarks and tasks: tofu_forget10 -> 5 tasks of 4 whole authors (lab.data.tofu_continual_tasks);
 tofu_subset -> its forget authors in whole-author tasks (n_tasks; `task_unit: rows` cuts equal row
@@ -56,6 +59,7 @@ from lab.runs_views import TABLE_PER_TASK, TABLE_UTILITY, evals_task_table as ta
 
 PROTOCOLS = ("sequential", "independent", "joint")
 TASK_UNITS = ("author", "rows")
+LR_SCHEDULES = ("per_task", "sequential_only")
 TRU_DEFAULTS = {"n_batches": 4, "stg": 0.75}
 TIME_KEYS = ("seconds", "task_seconds", "eval_seconds")   # wall-clock values (differ between reruns)
 
@@ -67,7 +71,8 @@ class ContinualConfig(UnlearnConfig):
     protocol: str = "sequential"        # sequential | independent | joint
     n_tasks: int | None = None          # None: 5 (tofu_forgetXX), all forget authors up to 5 per task count
     task_unit: str = "author"           # TOFU: whole authors per task, or "rows" (equal row blocks)
-    lr_decay: float | None = None       # lr *= lr_decay after each sequential task; None: 0.5 baselines, 1 ALKN
+    lr_decay: float | None = None       # lr *= lr_decay after each task; None: 0.5 baselines, 1 ALKN
+    lr_schedule: str = "per_task"       # per_task: decay in every protocol | sequential_only: sequential only
     task_diagnostics: bool = True       # G_r per task for predicted_retain_change (ALKN computes it anyway)
     trouge: dict | None = None          # lab.alkn.build_trouge_corpus options: adds T-Rouge and MU with it
     checkpoint: bool = True             # keep <run>/checkpoint after each task (resume)
@@ -78,6 +83,8 @@ class ContinualConfig(UnlearnConfig):
             raise ValueError(f"protocol={self.protocol!r}; valid: {list(PROTOCOLS)}")
         if self.task_unit not in TASK_UNITS:
             raise ValueError(f"task_unit={self.task_unit!r}; valid: {list(TASK_UNITS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}; valid: {list(LR_SCHEDULES)}")
         if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay={self.lr_decay}; valid: (0, 1] or None")
         if self.n_tasks is not None and (isinstance(self.n_tasks, bool) or not isinstance(self.n_tasks, int)
@@ -95,6 +102,11 @@ class ContinualConfig(UnlearnConfig):
         if self.lr_decay is not None:
             return self.lr_decay
         return 1.0 if self.kind == "alkn" and self.opts["variant"] != "tv" else 0.5
+
+    def task_lr(self, t: int) -> float:
+        """Task t's lr: base_lr * decay**t (sequential_only: decayed in the sequential protocol only)."""
+        decays = self.lr_schedule == "per_task" or self.protocol == "sequential"
+        return self.base_lr * (self.decay ** t if decays else 1.0)
 
     def task_config(self, lr: float, seed: int | None = None) -> UnlearnConfig:
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(UnlearnConfig)}
@@ -404,7 +416,8 @@ def _config_from_run(path: Path) -> ContinualConfig:
     if raw.get("kind") != "continual":
         raise ValueError(f"{path}: not a continual run (kind={raw.get('kind')!r})")
     fields = {f.name for f in dataclasses.fields(ContinualConfig)}
-    return ContinualConfig(**{k: v for k, v in raw.items() if k in fields})
+    # a run started before lr_schedule existed resumes with the schedule it was started with
+    return ContinualConfig(**{"lr_schedule": "sequential_only", **{k: v for k, v in raw.items() if k in fields}})
 
 
 def continual(config: ContinualConfig | dict | None = None, *, resume=None, progress=True,
@@ -489,7 +502,7 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress) -> C
             t0 = time.time()
             if cfg.protocol != "sequential":
                 taskvec.load_values_(params, theta_0)
-            lr_t = cfg.base_lr * (cfg.decay ** t if cfg.protocol == "sequential" else 1.0)
+            lr_t = cfg.task_lr(t)
             task_cfg = cfg.task_config(lr=lr_t, seed=cfg.seed + t)
             forget_t = task_data(tasks, t, cfg.protocol)
             theta_prev = taskvec.snapshot(params)

@@ -131,7 +131,7 @@ def test_joint_tv_through_the_cli(prepared_tiny, tmp_path, capsys):
     util, _ = _check_records(run_dir)
     trace = runs.load_run(run_dir).trace
     assert trace.groupby("task").size().tolist() == [2, 4, 5]         # unions of 13, 27, 40 rows
-    assert [r["lr"] for r in util[1:]] == [1e-3] * 3                   # joint: every task from theta_0
+    assert [r["lr"] for r in util[1:]] == pytest.approx([1e-3, 5e-4, 2.5e-4])   # per_task: TV halves in joint too
     capsys.readouterr()
     assert cli.main(["runs", "show", run_dir.name, "--root", str(root)]) == 0
     out = capsys.readouterr().out
@@ -250,3 +250,40 @@ def test_resume_refuses_a_checkpoint_that_is_not_plain_tensors(prepared_tiny, tm
         C.continual(resume=path, progress=False)
     assert not marker.exists()
     assert not (path / runs.LOCK).exists()                              # the lock is given back on failure
+
+
+# ---------------------------------------------------------------- lr schedule across protocols (ALKN fig. 2b)
+# eval_limit 2: on 1 row the MIA AUC is 0 or 1 and PrivLeak is undefined
+FAST = dict(n_tasks=2, task_unit="rows", max_steps=1, batch_size=8, max_length=128, eval_limit=2,
+            eval_max_new_tokens=8, eval_batch_size=8, task_diagnostics=False, checkpoint=False, progress=False)
+
+
+def test_lr_schedule_is_validated_and_decays_in_every_protocol_by_default():
+    with pytest.raises(ValueError, match=r"lr_schedule='halving'; valid: \['per_task', 'sequential_only'\]"):
+        C.ContinualConfig(method="ga_rt", lr_schedule="halving")
+    for protocol in C.PROTOCOLS:
+        cfg = C.ContinualConfig(method="ga_rt", protocol=protocol, lr=1e-3)
+        assert [cfg.task_lr(t) for t in range(3)] == pytest.approx([1e-3, 5e-4, 2.5e-4]), protocol
+    old = C.ContinualConfig(method="ga_rt", protocol="joint", lr=1e-3, lr_schedule="sequential_only")
+    assert [old.task_lr(t) for t in range(3)] == [1e-3] * 3
+
+
+@pytest.mark.parametrize("schedule, expected", [("per_task", [1e-3, 5e-4]), ("sequential_only", [1e-3, 1e-3])])
+def test_independent_baseline_lr_follows_lr_schedule(prepared_tiny, tmp_path, schedule, expected):
+    res = C.continual(method="ga_rt", protocol="independent", lr=1e-3, lr_schedule=schedule, runs_root=tmp_path,
+                      **FAST)
+    rec = runs.load_run(res.run_dir)
+    assert rec.config["lr_schedule"] == schedule                         # recorded in config.yaml
+    util = rec.evals[rec.evals["eval_task"].isna() & (rec.evals["checkpoint"] == "unlearned")]
+    assert util["lr"].tolist() == pytest.approx(expected)                # the per-task record
+    assert rec.trace.groupby("task")["lr"].first().tolist() == pytest.approx(expected)   # the optimizer's lr
+
+
+def test_resume_of_a_run_without_lr_schedule_keeps_the_old_behaviour(tmp_path):
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / runs.CONFIG).write_text(yaml.safe_dump({"kind": "continual", "method": "ga_rt", "protocol": "joint",
+                                                    "lr": 1e-3, "runs_root": str(tmp_path)}))
+    (path / runs.SUMMARY).write_text(json.dumps({"status": "failed"}))
+    cfg = C._config_from_run(path)
+    assert cfg.lr_schedule == "sequential_only" and cfg.task_lr(1) == 1e-3
