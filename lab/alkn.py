@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from lab import geometry
+from lab import distributed, geometry
 from lab.engine import LoopState, StepHooks, UnlearnConfig
 from lab.objectives import esl_loss, esl_weights  # noqa: F401 (ALKN eq. 6; an objective, public here too)
 from lab.taskvec import finetune, negate_, nll_gradient, snapshot, trainable
@@ -163,19 +163,22 @@ class RetainGradient:
             return [u * g for u, g in zip(g_u, self.full)]
         return [u * torch.where(s == 0, 1.0, self.a * s.to(u.dtype)) for u, s in zip(g_u, self.signs)]
 
-    def dot(self, delta) -> float:
-        """G_r . delta: the first-order change of the retain loss for a step delta (NaN when lean)."""
-        return float("nan") if self.lean else float(geometry.dot(self.full, delta))
+    def dot(self, delta, group=None) -> float:
+        """G_r . delta: the first-order change of the retain loss for a step delta (NaN when lean);
+        group: G_r and delta are shards (fsdp), the dot sums over it."""
+        return float("nan") if self.lean else float(geometry.dot(self.full, delta, group))
 
 
-def retain_gradient(model, tokenizer, retain, cfg: UnlearnConfig, opts: dict | None = None) -> RetainGradient:
-    """G_r at the current weights over the retain set (or opts['retain_grad_rows'] seeded random rows)."""
+def retain_gradient(model, tokenizer, retain, cfg: UnlearnConfig, opts: dict | None = None,
+                    parallel=None) -> RetainGradient:
+    """G_r at the current weights over the retain set (or opts['retain_grad_rows'] seeded random rows);
+    parallel: rows split across ranks, the gradient all-reduced (lab.taskvec.nll_gradient)."""
     opts = opts or ALKN_DEFAULTS
     rows = None
     if opts.get("retain_grad_rows"):
         n = min(int(opts["retain_grad_rows"]), len(retain))
         rows = torch.randperm(len(retain), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
-    grads = nll_gradient(model, tokenizer, retain, cfg, rows)
+    grads = nll_gradient(model, tokenizer, retain, cfg, rows, parallel=parallel)
     return RetainGradient(grads, lean=opts.get("gr_lean", False), top=opts.get("gr_lean_top", 0.1),
                           a=opts.get("gr_lean_a", 10.0), quantile=opts.get("quantile", "auto"))
 
@@ -290,21 +293,24 @@ def task_steps(cfg: UnlearnConfig, n_rows: int) -> int:
 
 def alkn_task(model, tokenizer, forget, retain, cfg: UnlearnConfig, opts: dict, *, prev_mask=None,
               retain_grad: RetainGradient | None = None, theta_prev=None, run=None, task=None,
-              state: LoopState | None = None, progress=False) -> dict:
+              state: LoopState | None = None, progress=False, parallel=None) -> dict:
     """One ALKN task in place: fine-tune (ESL / CE, DGS, APM), then negate with lam (Alg. 1).
+    parallel: the engine loop's (ddp: DGS / APM see the same all-reduced gradients on every rank, so
+    scores and masks stay identical; fsdp only without hooks, which the loop refuses otherwise).
 
     Returns {"mask": the task's mask or None, "state": the loop state, "hooks": ALKNHooks}."""
+    distributed.wrap(model, parallel, autocast=cfg.autocast)   # fsdp: shard first, theta_prev is then shards
     params = trainable(model)
     theta_prev = snapshot(params) if theta_prev is None else theta_prev
     if opts["dgs"] and retain_grad is None:
-        retain_grad = retain_gradient(model, tokenizer, retain, cfg, opts)
+        retain_grad = retain_gradient(model, tokenizer, retain, cfg, opts, parallel=parallel)
     hooks = ALKNHooks(params, opts, task_steps(cfg, len(forget)), retain_grad, prev_mask)
     if opts["esl"]:
         method, margs = "finetune_esl", {k: opts[k] for k in ("esl_s", "esl_form", "esl_k")}
     else:
         method, margs = "finetune_forget", {}
     state = finetune(model, tokenizer, forget, cfg, method=method, method_args=margs, hooks=hooks.step_hooks(),
-                     run=TraceExtras(run, hooks), task=task, state=state, progress=progress)
+                     run=TraceExtras(run, hooks), task=task, state=state, progress=progress, parallel=parallel)
     mask = hooks.final_mask()
     negate_(params, theta_prev, opts["lam"])
     return {"mask": mask, "state": state, "hooks": hooks}

@@ -208,17 +208,20 @@ def cmd_continual(args) -> None:
                              "(they would change the run)")
         path = _run_path(args.resume, args.runs, "continual run")
         from lab.continual import continual
-        result = continual(resume=path)
+        how = {"parallel": args.parallel} if args.parallel else {}   # how it runs (a launcher), not what
+        result = continual(resume=path, **how)
     else:
         from lab.continual import ContinualConfig, continual
         cfg = _config_from_args(args, ContinualConfig, (
             "method", "protocol", "model", "benchmark", "seed", "lr", "lr_decay", "epochs", "max_steps",
-            "batch_size", "n_tasks", "task_unit", "eval_limit", "probes", "save_model"))
+            "batch_size", "n_tasks", "task_unit", "eval_limit", "probes", "save_model", "parallel"))
         _check_ranges(cfg)
         _check_model(cfg.get("model"))
         from lab import runs
         with runs.experiment(args.tag):
             result = continual(cfg)
+    if result.run_dir is None:   # a rank other than 0 under a launcher: rank 0 reports
+        return
     import pandas as pd
     print(f"run: {result.run_dir}")
     with pd.option_context("display.width", 250, "display.max_columns", 60):
@@ -247,7 +250,7 @@ PROBE_OPT_HELP = ("probe options, e.g. relearn_steps=20 relearn_fraction=0.2 rel
                   "relearn_lr=1e-3 quant_group_size=64 fewshot_k=5 (lab.probes.DEFAULTS)")
 
 
-RESUME_KEEPS = {"resume", "runs", "func", "command", "data", "debug"}   # continual flags that --resume accepts
+RESUME_KEEPS = {"resume", "runs", "func", "command", "data", "debug", "parallel"}   # continual flags that --resume accepts
 
 
 def cmd_plan(args) -> None:
@@ -465,6 +468,9 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--tag", help=TAG_HELP)
     sp.add_argument("--resume", metavar="RUN", help="an interrupted continual run (its folder, or its id under "
                                                     "--runs); no flags that would change it")
+    sp.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
+                    help="under torchrun / accelerate launch: ddp (replicated weights) or fsdp (FSDP2 shards); "
+                         "default none = one process (README 'Scaling out')")
     sp.set_defaults(func=cmd_continual)
 
     sp = sub.add_parser("plan", help="predicted memory per device of a run (weights, gradient lists, optimizer "

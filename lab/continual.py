@@ -51,8 +51,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lab import alkn, geometry, masks, runs, taskvec
-from lab.engine import DEFAULT_LR, Diverged, LoopState, UnlearnConfig, load_starting_point, unlearning_loop
+from lab import alkn, distributed, geometry, masks, runs, taskvec
+from lab.engine import (DEFAULT_LR, Diverged, LoopState, UnlearnConfig, load_starting_point, make_context,
+                        unlearning_loop)
 from lab.methods import get_method
 # the per-task table is pure pandas, shared with the dashboard (which must not import torch)
 from lab.runs_views import TABLE_PER_TASK, TABLE_UTILITY, evals_task_table as task_table  # noqa: F401
@@ -192,31 +193,74 @@ def _head(ds, limit):
 
 
 def evaluate_tasks(model, tok, bench, tasks, cfg: ContinualConfig, reference=None, trouge_corpus=None,
-                   progress=False) -> tuple[dict, list[dict], pd.DataFrame]:
-    """(utility metrics, one forget-metrics dict per task, per-row outputs) of the model now."""
-    autocast = getattr(torch, cfg.autocast) if cfg.autocast else None
-    kw = dict(batch_size=cfg.eval_batch_size, autocast_dtype=autocast, progress=progress, score_eos=cfg.score_eos)
+                   progress=False, par=None) -> tuple[dict, list[dict], pd.DataFrame] | None:
+    """(utility metrics, one forget-metrics dict per task, per-row outputs) of the model now.
+    Under a launcher (`par`, lab.distributed.Parallel with a group) every rank must call it: the TOFU
+    rows are split across ranks and gathered on rank 0, the rest runs on rank 0; other ranks get None."""
+    if par is not None and par.group is not None:
+        return _evaluate_tasks_distributed(model, tok, bench, tasks, cfg, reference, trouge_corpus, progress, par)
+    kw = _eval_kwargs(cfg, progress)
     if bench.name.startswith("tofu"):
         util, per_task, rows = _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw)
     else:
         util, per_task, rows = _evaluate_muse_tasks(model, tok, bench, tasks, cfg, kw)
+    _add_trouge(util, model, tok, bench, trouge_corpus, cfg)
+    return util, per_task, rows
+
+
+def _eval_kwargs(cfg, progress) -> dict:
+    autocast = getattr(torch, cfg.autocast) if cfg.autocast else None
+    return dict(batch_size=cfg.eval_batch_size, autocast_dtype=autocast, progress=progress, score_eos=cfg.score_eos)
+
+
+def _add_trouge(util, model, tok, bench, trouge_corpus, cfg):
     if trouge_corpus:
         util["trouge"] = alkn.trouge(model, tok, trouge_corpus, batch_size=cfg.eval_batch_size)["trouge"]
         if bench.name.startswith("tofu"):
             util["model_utility_trouge"] = alkn.utility_with_trouge(util, util["trouge"])
-    return util, per_task, rows
 
 
-def _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw):
+def _evaluate_tasks_distributed(model, tok, bench, tasks, cfg, reference, trouge_corpus, progress, par):
+    whole = distributed.plain_copy(model, par)   # fsdp: an unsharded copy on every rank (a collective)
+    # the copy is whole on every rank, as under ddp: distributed.evaluate then makes no second one
+    replicated = dataclasses.replace(par, mode="ddp")
+    kw = _eval_kwargs(cfg, progress and par.is_writer)
+    res = None
+    if bench.name.startswith("tofu"):
+        heads, sub = _tofu_eval_benchmark(bench, tasks, cfg.eval_limit)
+        res = distributed.evaluate(whole, tok, sub, replicated, reference=None, limit=None,
+                                   max_new_tokens=cfg.eval_max_new_tokens, **kw)
+
+    def on_writer():   # the per-task metrics from all rows, MUSE, T-Rouge: rank 0 alone (no collective)
+        if res is not None:
+            util, per_task, rows = _tofu_per_task(res, heads, reference)
+        else:
+            util, per_task, rows = _evaluate_muse_tasks(whole, tok, bench, tasks, cfg, kw)
+        _add_trouge(util, whole, tok, bench, trouge_corpus, cfg)
+        return util, per_task, rows
+    return distributed.run_all_or_none(lambda: on_writer() if par.is_writer else None, par)
+
+
+def _tofu_eval_benchmark(bench, tasks, limit):
+    """(the tasks' first `limit` rows, the benchmark evaluating them as its forget set)."""
     from datasets import concatenate_datasets
-    from lab import metrics
-    from lab.eval import evaluate, same_rows
-    limit = cfg.eval_limit
     heads = [_head(t, limit) for t in tasks]
     sets = {name: _head(ds, limit) for name, ds in bench.eval_sets.items() if name != "forget"}
     sets["forget"] = concatenate_datasets([h.remove_columns("task") for h in heads])
-    res = evaluate(model, tok, dataclasses.replace(bench, eval_sets=sets), reference=None, limit=None,
-                   max_new_tokens=cfg.eval_max_new_tokens, **kw)
+    return heads, dataclasses.replace(bench, eval_sets=sets)
+
+
+def _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw):
+    from lab.eval import evaluate
+    heads, sub = _tofu_eval_benchmark(bench, tasks, cfg.eval_limit)
+    res = evaluate(model, tok, sub, reference=None, limit=None, max_new_tokens=cfg.eval_max_new_tokens, **kw)
+    return _tofu_per_task(res, heads, reference)
+
+
+def _tofu_per_task(res, heads, reference):
+    """(utility metrics, per-task forget metrics, per-row outputs) of one evaluation of the task heads."""
+    from lab import metrics
+    from lab.eval import same_rows
     m, rows = res["metrics"], res["rows"]
     util = {k: v for k, v in m.items() if not k.startswith(("forget_", "mia_", "privleak"))}
     row_task = {int(r): t for t, h in enumerate(heads) for r in h["row"]}
@@ -224,7 +268,7 @@ def _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw):
     holdout = rows[rows["set"] == "holdout"]
     mia_k = m.get("mia_min_k", 0.4)
     per_task = []
-    for t in range(len(tasks)):
+    for t in range(len(heads)):
         g = rows[(rows["set"] == "forget") & (rows["row_task"] == t)]
         out = {"forget_prob": float(g["prob"].mean()), "forget_rouge": float(g["rouge"].mean()),
                "forget_truth_ratio": float(metrics.truth_ratio_stat(g["truth_ratio"].to_numpy(), "forget"))}
@@ -396,6 +440,36 @@ def _run_context(config: dict, root, resume_path: Path | None, task_done: int, w
     return ctx()
 
 
+def _write_masks(run, t, task_masks, names) -> None:
+    """Task t's mask file, the overlap table and the per-tensor counts of every mask so far."""
+    (run.path / "masks").mkdir(exist_ok=True)
+    masks.save_mask(run.path / "masks" / f"task_{t}.npz", task_masks[t], names)
+    run.log_masks(masks.overlap_table(task_masks, names))
+    counts = pd.concat([masks.mask_counts(task_masks[k], names, task=k) for k in sorted(task_masks)])
+    runs.atomic_write_parquet(run.path / runs.MASK_COUNTS, counts)
+
+
+# ---------------------------------------------------------------- under a launcher
+def _moved_fraction(before, after, par) -> float:
+    """masks.moved_fraction over all shards: local counts summed over the group under fsdp."""
+    moved, total = distributed.shard_sums([sum(int((a != b).sum()) for a, b in zip(before, after)),
+                                           sum(b.numel() for b in before)], par)
+    return moved / total if total else 0.0
+
+
+def _sharded_context(model, tok, forget, method, args, cfg, idk, par):
+    """Under fsdp, for a method with a frozen theta_0 copy (KL terms): the objective context built from an
+    unsharded copy of the model (FSDP2 modules cannot be deep-copied; the loop shards the copy). None
+    otherwise: the loop builds the context itself."""
+    from lab.methods import fit_to_model
+    from lab.objectives import get_objective
+    needs = {n for t in (*method.forget, *method.retain) for n in get_objective(t.objective).needs}
+    if not par.sharded or "ref_model" not in needs:
+        return None
+    args = fit_to_model(method, args, model)
+    return make_context(distributed.plain_copy(model, par), method, args, forget, tok, cfg, idk)
+
+
 # ---------------------------------------------------------------- the protocol
 @dataclasses.dataclass
 class ContinualResult:
@@ -425,34 +499,69 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
     """Run (or resume) a continual-unlearning experiment; see the module docstring.
 
     resume: an interrupted / failed run's directory. Its writer lock is taken first, so a second process
-    on a run that is still being written stops at once with runs.RunLocked (naming the writer's pid)."""
+    on a run that is still being written stops at once with runs.RunLocked (naming the writer's pid).
+    Under torchrun / accelerate launch (parallel ddp|fsdp, README 'Scaling out') every rank calls it;
+    rank 0 writes the run and returns its results, the other ranks get run_dir None and an empty table.
+    A resumed run may change `parallel` only (how it runs, not what: the same result at any world size)."""
     if resume is None:
         cfg = (dataclasses.replace(config, **overrides) if isinstance(config, ContinualConfig)
                else ContinualConfig(**{**(config or {}), **overrides}))
-        return _continual(cfg, None, None, progress)
+        return _launch(cfg, None, progress)
     resume = Path(resume)
     if not (resume / runs.CONFIG).is_file():
         raise FileNotFoundError(f"resume: {resume} is not a run directory (no {runs.CONFIG})")
+    how = {k: overrides.pop(k) for k in RESUME_OVERRIDES if k in overrides}
     if config is not None or overrides:
-        raise ValueError("resume: the run's own config.yaml is used; pass no config or overrides")
-    writer = runs.WriterLock(resume).acquire()
+        raise ValueError("resume: the run's own config.yaml is used; pass no config or overrides "
+                         f"(valid: {', '.join(RESUME_OVERRIDES)})")
+    return _launch(dataclasses.replace(_config_from_run(resume), **how), resume, progress)
+
+
+RESUME_OVERRIDES = ("parallel",)
+
+
+def check_parallel(cfg: ContinualConfig) -> None:
+    """What continual cannot run under --parallel ddp|fsdp, refused before any work."""
+    if cfg.parallel == "none":
+        return
+    if cfg.probes:
+        raise ValueError("probes run in one process: leave them out under --parallel ddp|fsdp")
+    if cfg.parallel == "fsdp" and cfg.kind == "alkn" and cfg.opts["dgs"]:
+        # DGS keeps the top-rho fraction of a score over ALL entries: a quantile across shards
+        raise ValueError(f"--parallel fsdp: {cfg.method}'s dynamic gradient sparsity (dgs) needs a quantile "
+                         "over all shards, not distributed yet; valid: --parallel ddp, or an ALKN variant "
+                         "without DGS (alkn_wo_dgs, tv)")
+
+
+def _launch(cfg: ContinualConfig, resume: Path | None, progress) -> ContinualResult:
+    """Join the launcher's process group once, take the run's writer lock (rank 0) and run the protocol."""
+    check_parallel(cfg)
+    par = distributed.setup(cfg.parallel, cfg.device)   # under a launcher: this rank's group and device
+    if par.mode != "none":
+        cfg = dataclasses.replace(cfg, device=par.device)
+    writer = (distributed.run_all_or_none(lambda: runs.WriterLock(resume).acquire() if par.is_writer else None, par)
+              if resume is not None else None)
     try:
-        return _continual(_config_from_run(resume), resume, writer, progress)
+        return _continual(cfg, resume, writer, progress, par)
     finally:
-        writer.release()
+        if writer is not None:
+            writer.release()
 
 
-def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress) -> ContinualResult:
+def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par) -> ContinualResult:
+    """The protocol on every rank of `par`. Rank 0 writes the run (checkpoints from the full weights);
+    under fsdp the model is sharded once, after loading, so every parameter list below (theta_0,
+    theta^{t-1}, deltas) holds this rank's shards and every norm / count sums over the group."""
     from lab.data import idk_answers as load_idk
 
     model, tok, bench, reference, _, extra = load_starting_point(cfg.task_config(cfg.base_lr))
     tasks = continual_tasks(bench, cfg.n_tasks, cfg.task_unit)
-    params = taskvec.trainable(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     trouge_corpus = None
-    if cfg.trouge is not None:   # built from theta_0 (the model before any unlearning), cached
+    if cfg.trouge is not None:   # built from theta_0 (the model before any unlearning), cached; on rank 0
         exclude = [a for t in tasks for a in (t["answer"] if "answer" in t.column_names else t["text"])]
-        trouge_corpus = alkn.build_trouge_corpus(model, tok, exclude_texts=exclude, **cfg.trouge)
+        trouge_corpus = distributed.from_writer(
+            lambda: alkn.build_trouge_corpus(model, tok, exclude_texts=exclude, **cfg.trouge), par)
     method = args = idk = None
     if cfg.kind == "engine":
         method, args = get_method(cfg.inner_method, **cfg.inner_args)
@@ -463,27 +572,36 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress) -> C
               if cfg.kind != "engine" else method.name, "method_kind": cfg.kind, "engine_method": cfg.inner_method,
               "engine_method_args": cfg.inner_args, "arithmetic_options": cfg.opts,
               "benchmark_config": bench.config, "n_tasks": len(tasks), "lr_decay": cfg.decay,
-              "task_rows": [len(t) for t in tasks], "trace_columns": runs.TRACE_COLUMNS, **extra}
+              "task_rows": [len(t) for t in tasks], "trace_columns": runs.TRACE_COLUMNS,
+              "world_size": par.world, **extra}
     ckpt_dir, ckpt = _load_checkpoint(resume) if resume is not None else (None, None)
     task_done = ckpt["task_done"] if ckpt else -2           # -2: nothing, -1: initial evaluation logged
     if resume is not None and task_done == len(tasks) - 1:
         raise ValueError(f"resume: {resume} already finished all {len(tasks)} tasks")
 
-    theta_0 = taskvec.snapshot(params) if cfg.protocol != "sequential" else None
     union_mask, task_masks, global_step = None, {}, 0
-    if ckpt:
+    if ckpt:   # on every rank, into the whole model (before fsdp shards it)
         global_step = ckpt["global_step"]
         if cfg.protocol == "sequential" and (ckpt_dir / "params.pt").is_file():
-            taskvec.load_values_(params, _load_params(ckpt_dir / "params.pt"))
+            taskvec.load_values_(taskvec.trainable(model), _load_params(ckpt_dir / "params.pt"))
         if (ckpt_dir / "union_mask.npz").is_file():
             union_mask = masks.load_mask(ckpt_dir / "union_mask.npz")[0]
         for t in range(task_done + 1):
             f = resume / "masks" / f"task_{t}.npz"
             if f.is_file():
                 task_masks[t] = masks.load_mask(f)[0]
+    distributed.wrap(model, par, autocast=cfg.autocast)   # fsdp: FSDP2 shards, once for every task
+    params = taskvec.trainable(model)
+    theta_0 = taskvec.snapshot(params) if cfg.protocol != "sequential" else None
+
+    def on_writer(fn):   # a write of rank 0's; a failure there stops every rank
+        return distributed.run_all_or_none(lambda: fn() if par.is_writer else None, par)
 
     t_start = time.time()
-    with _run_context(config, cfg.runs_root, resume, task_done, writer) as run:
+    # rank 0 writes the run; the other ranks' run records nothing
+    run_context = (_run_context(config, cfg.runs_root, resume, task_done, writer) if par.is_writer
+                   else distributed.NullRun())
+    with run_context as run:
         def log_checkpoint(task, checkpoint, step, epoch, util, per_task, rows, extra_util=None):
             base = {"step": step, "epoch": epoch, "task": task, "checkpoint": checkpoint}
             run.log_eval({**base, "eval_task": None, **util, **(extra_util or {})}, rows=rows)
@@ -492,12 +610,13 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress) -> C
 
         if task_done < -1:
             t0 = time.time()
-            util, per_task, rows = evaluate_tasks(model, tok, bench, tasks, cfg, reference, trouge_corpus,
-                                                  progress=progress)
-            log_checkpoint(-1, "initial", 0, 0, util, per_task, rows,
-                           {"eval_seconds": round(time.time() - t0, 2), "lr": None})
+            evaluated = evaluate_tasks(model, tok, bench, tasks, cfg, reference, trouge_corpus, progress=progress,
+                                       par=par)
+            if evaluated is not None:   # rank 0 (or one process)
+                log_checkpoint(-1, "initial", 0, 0, *evaluated,
+                               {"eval_seconds": round(time.time() - t0, 2), "lr": None})
             if cfg.checkpoint:
-                _save_checkpoint(run.path, {"task_done": -1, "global_step": 0})
+                on_writer(lambda: _save_checkpoint(run.path, {"task_done": -1, "global_step": 0}))
         for t in range(max(task_done + 1, 0), len(tasks)):
             t0 = time.time()
             if cfg.protocol != "sequential":
@@ -507,25 +626,28 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress) -> C
             forget_t = task_data(tasks, t, cfg.protocol)
             theta_prev = taskvec.snapshot(params)
             need_gr = cfg.task_diagnostics or (cfg.kind == "alkn" and cfg.opts["dgs"])
-            retain_grad = (alkn.retain_gradient(model, tok, bench.retain, task_cfg, cfg.opts or None)
+            retain_grad = (alkn.retain_gradient(model, tok, bench.retain, task_cfg, cfg.opts or None, parallel=par)
                            if need_gr else None)
             state = LoopState(step=global_step)
             prev_mask = union_mask if cfg.protocol == "sequential" else None
             mask = None
             try:
                 if cfg.kind == "engine":
+                    context = _sharded_context(model, tok, forget_t, method, args, task_cfg, idk, par)
                     unlearning_loop(model, tok, forget_t, bench.retain, method, args, task_cfg, run=run, task=t,
-                                    idk_answers=idk, progress=progress, state=state)
+                                    idk_answers=idk, progress=progress, state=state, context=context, parallel=par)
+                    del context
                 elif cfg.kind == "alkn":
                     out = alkn.alkn_task(model, tok, forget_t, bench.retain, task_cfg, cfg.opts,
                                          prev_mask=prev_mask, retain_grad=retain_grad, theta_prev=theta_prev,
-                                         run=run, task=t, state=state, progress=progress)
+                                         run=run, task=t, state=state, progress=progress, parallel=par)
                     mask = out["mask"]
                 else:
                     taskvec.tru_unlearn(model, tok, forget_t, task_cfg, n_batches=cfg.opts["n_batches"],
-                                        stg=cfg.opts["stg"], run=run, task=t, state=state, progress=progress)
-            except Diverged as e:
-                kept = (f"the weights after task {t - 1} are in {run.path / 'checkpoint'}"
+                                        stg=cfg.opts["stg"], run=run, task=t, state=state, progress=progress,
+                                        parallel=par)
+            except Diverged as e:   # every rank sees the same global losses and norm: all stop here
+                kept = (f"the weights after task {t - 1} are in {(run.path or Path('<run>')) / 'checkpoint'}"
                         if cfg.checkpoint and t > 0 and cfg.protocol == "sequential"
                         else "the last good weights are the starting model's (every task starts from it)"
                         if cfg.protocol != "sequential" else "no finished task's weights are kept")
@@ -533,42 +655,42 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress) -> C
                                       status="diverged") from None
             global_step = state.step
             task_seconds = time.time() - t0
-            delta = [p.detach() - b for p, b in zip(params, theta_prev)]
-            diag = {"lr": lr_t, "tv_moved_fraction": masks.moved_fraction(theta_prev, params),
-                    "update_norm": float(geometry.norm(delta)),
-                    "predicted_retain_change": retain_grad.dot(delta) if retain_grad is not None else None,
+            local = distributed.local_list(params)
+            delta = [p.detach() - b for p, b in zip(local, theta_prev)]
+            geo = par.group if par.sharded else None   # shards: norms and dots sum over the group
+            diag = {"lr": lr_t, "tv_moved_fraction": _moved_fraction(theta_prev, local, par),
+                    "update_norm": float(geometry.norm(delta, geo)),
+                    "predicted_retain_change": retain_grad.dot(delta, geo) if retain_grad is not None else None,
                     "task_seconds": round(task_seconds, 2), "steps": global_step}
             del delta, theta_prev, retain_grad
             if mask is not None:
                 diag["active_fraction"] = masks.active_fraction(mask)
                 diag["mask_jaccard_prev"] = masks.jaccard(mask, prev_mask) if prev_mask is not None else None
                 task_masks[t] = mask
-                (run.path / "masks").mkdir(exist_ok=True)
-                masks.save_mask(run.path / "masks" / f"task_{t}.npz", mask, names)
-                run.log_masks(masks.overlap_table(task_masks, names))
-                counts = pd.concat([masks.mask_counts(task_masks[k], names, task=k) for k in sorted(task_masks)])
-                runs.atomic_write_parquet(run.path / runs.MASK_COUNTS, counts)
+                on_writer(lambda: _write_masks(run, t, task_masks, names))
                 if cfg.protocol == "sequential":
                     union_mask = mask if union_mask is None else masks.union(union_mask, mask)
             e0 = time.time()
-            util, per_task, rows = evaluate_tasks(model, tok, bench, tasks, cfg, reference, trouge_corpus,
-                                                  progress=progress)
+            evaluated = evaluate_tasks(model, tok, bench, tasks, cfg, reference, trouge_corpus, progress=progress,
+                                       par=par)
             diag["eval_seconds"] = round(time.time() - e0, 2)
             epoch = state.trace[-1]["epoch"] if state.trace else 0
-            log_checkpoint(t, "unlearned", global_step, epoch, util, per_task, rows, diag)
+            if evaluated is not None:
+                log_checkpoint(t, "unlearned", global_step, epoch, *evaluated, diag)
             if cfg.checkpoint:
                 seq = cfg.protocol == "sequential"
-                _save_checkpoint(run.path, {"task_done": t, "global_step": global_step},
-                                 params=params if seq else None, union_mask=union_mask if seq else None,
-                                 names=names)
+                values = distributed.full_parameters(model, names, par) if seq else None   # every rank
+                on_writer(lambda: _save_checkpoint(run.path, {"task_done": t, "global_step": global_step},
+                                                   params=values, union_mask=union_mask if seq else None,
+                                                   names=names))
+                del values
         if cfg.save_model:
-            model.save_pretrained(run.path / "model")
-            tok.save_pretrained(run.path / "model")
+            distributed.save_pretrained(model, tok, run.path and run.path / "model", par)
         if cfg.probes:  # robustness probes on the model after the last task (lab.probes, METHODS §8)
             from lab.probes import continual_forget, run_probes
             run_probes(model, tok, cfg, run, bench=bench, forget=continual_forget(tasks, cfg.protocol),
                        step=global_step, task=len(tasks) - 1, progress=progress)
-        evals = pd.DataFrame(_read_eval_records(run.path))
+        evals = pd.DataFrame(_read_eval_records(run.path) if run.path is not None else [])
         table = task_table(evals)
         final = {k: v for k, v in table.iloc[-1].items() if pd.notna(v)} if len(table) else {}
         run.write_summary(metrics={str(k): v for k, v in final.items()}, steps=global_step,

@@ -312,3 +312,37 @@ def _rank_part(benchmark, limit, rank, world):
 
 def format_exception(e: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+# ---------------------------------------------------------------- continual protocol helpers
+def shard_sums(values, par: Parallel | None) -> list[float]:
+    """Sums over the shards of per-rank partial counts (fsdp: one all_reduce); other modes hold whole
+    tensors on every rank, so the values are already the totals."""
+    if par is None or not par.sharded:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=par.device)
+    dist.all_reduce(t, group=par.group)
+    return t.tolist()
+
+
+def full_parameters(model, names, par: Parallel | None) -> list:
+    """The full values of the parameters `names` (model.named_parameters() names), for a checkpoint that
+    rank 0 writes: under fsdp gathered from the shards (on CPU; a collective, every rank must call it;
+    None on the other ranks, which full_state_dict's CPU offload leaves empty), otherwise the parameters
+    themselves (whole on every rank)."""
+    state = full_state_dict(model, par)
+    if state is None:
+        params = dict(model.named_parameters())
+        return [params[n] for n in names]
+    return [state[n] for n in names] if par.is_writer else None
+
+
+def from_writer(fn, par: Parallel | None):
+    """fn() run on rank 0 alone, its value on every rank (one object broadcast); a failure there stops
+    every rank (run_all_or_none). One process: fn()."""
+    if par is None or par.group is None:
+        return fn()
+    value = run_all_or_none(lambda: fn() if par.is_writer else None, par)
+    out = [value]
+    dist.broadcast_object_list(out, src=0, group=par.group)
+    return out[0]

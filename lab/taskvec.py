@@ -7,7 +7,10 @@
 
 Fine-tuning is the engine's one loop (lab.engine.unlearning_loop) with the method "finetune_forget"
 (NLL on the forget rows, minimised) or "finetune_esl" (ALKN eq. 6); everything else works on lists of
-per-parameter tensors in `model.parameters()` order, in place, with as few full copies as possible:
+per-parameter tensors in `model.parameters()` order, in place, with as few full copies as possible.
+Under a launcher (`parallel`, lab.distributed) the lists hold the LOCAL tensors (FSDP2 shards under
+fsdp, whole tensors under ddp), so the arithmetic is elementwise on each rank's shard and every dot /
+norm is a local partial sum all-reduced over the group:
 
     tv_unlearn / negate_                 1 copy   (theta before fine-tuning)
     task_vector                          2 copies (theta, tau) to restore theta exactly; 1 without restore
@@ -20,11 +23,10 @@ the score m, G_r (or its int8 sign sketch) and the boolean union mask M.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from lab import geometry
+from lab import distributed, geometry
 from lab.engine import (LoopState, StepHooks, UnlearnConfig, _to, accumulate, encode_rows,
                         unlearning_loop)
 from lab.methods import Term, get_method
@@ -37,21 +39,27 @@ def trainable(model) -> list[torch.nn.Parameter]:
 
 
 def snapshot(params) -> list[torch.Tensor]:
-    """A detached copy of the parameter values (one full model copy)."""
-    return [p.detach().clone() for p in params]
+    """A detached copy of the parameter values (one model copy; under fsdp this rank's shards)."""
+    return [distributed.local(p).detach().clone() for p in params]
 
 
 @torch.no_grad()
 def load_values_(params, values) -> None:
+    """Copy `values` (a snapshot: local tensors) into the parameters."""
     for p, v in zip(params, values):
-        p.copy_(v)
+        distributed.local(p).copy_(v)
 
 
 @torch.no_grad()
 def negate_(params, theta_prev, lam: float) -> None:
     """In place: theta <- theta_prev - lam * (theta - theta_prev) (ALKN sec. 3.1; TV with lam)."""
     for p, t in zip(params, theta_prev):
-        p.mul_(-lam).add_(t, alpha=1.0 + lam)
+        distributed.local(p).mul_(-lam).add_(t, alpha=1.0 + lam)
+
+
+def _geo_group(parallel):
+    # dots and norms sum over the group only when the lists are shards (ddp tensors are whole)
+    return parallel.group if parallel is not None and parallel.sharded else None
 
 
 def _scalar(x) -> float:
@@ -65,31 +73,38 @@ def _autocast_dtype(cfg: UnlearnConfig):
 
 def finetune(model, tokenizer, forget, cfg: UnlearnConfig, *, method="finetune_forget", method_args=None,
              hooks: StepHooks | None = None, run=None, task=None, state: LoopState | None = None,
-             progress=False) -> LoopState:
-    """Fine-tune `model` on `forget` with the engine loop (cfg.epochs / max_steps / lr / batch_size)."""
+             progress=False, parallel=None) -> LoopState:
+    """Fine-tune `model` on `forget` with the engine loop (cfg.epochs / max_steps / lr / batch_size);
+    parallel: a lab.distributed.Parallel, handed to the loop (rows split, gradients reduced as in unlearn)."""
     m, args = get_method(method, **(method_args or {}))
     if m.retain:
         raise ValueError(f"finetune: method {m.name!r} has retain terms; use a forget-only fine-tuning "
                          "method such as 'finetune_forget' or 'finetune_esl'")
     return unlearning_loop(model, tokenizer, forget, [], m, args, cfg, run=run, task=task, hooks=hooks,
-                           state=state, progress=progress)
+                           state=state, progress=progress, parallel=parallel)
 
 
-def nll_gradient(model, tokenizer, dataset, cfg: UnlearnConfig, rows=None) -> list[torch.Tensor]:
+def nll_gradient(model, tokenizer, dataset, cfg: UnlearnConfig, rows=None, parallel=None) -> list[torch.Tensor]:
     """Gradient of the mean token NLL over `rows` of a QA/text dataset (all rows by default), at the
-    current weights, for the trainable parameters. Micro-batches of cfg.eval_batch_size rows."""
+    current weights, for the trainable parameters (local tensors). Micro-batches of cfg.eval_batch_size
+    rows; under `parallel` each micro-batch is split rows rank::world and the gradient reduced over the
+    group (whole under ddp, this rank's shards under fsdp)."""
     rows = list(range(len(dataset))) if rows is None else [int(r) for r in rows]
     if not rows:
         raise ValueError("nll_gradient: no rows")
+    par = parallel or distributed.Parallel()
+    chunks = [rows[i:i + cfg.eval_batch_size] for i in range(0, len(rows), cfg.eval_batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) < par.world:   # every rank needs a row of every micro-batch
+        chunks[-2] += chunks.pop()
+    distributed.check_split(len(chunks[-1]), par.world, "nll_gradient: the last micro-batch")
     params = trainable(model)
-    device = params[0].device
-    micro = [{"forget": _to(encode_rows(tokenizer, dataset, rows[i:i + cfg.eval_batch_size],
-                                        max_length=cfg.max_length), device)}
-             for i in range(0, len(rows), cfg.eval_batch_size)]
+    device = distributed.local(params[0]).device
+    micro = [{"forget": _to(distributed.shard_rows(encode_rows(tokenizer, dataset, chunk, max_length=cfg.max_length),
+                                                   par.rank, par.world), device)} for chunk in chunks]
     ctx = ObjectiveContext(args={}, autocast_dtype=_autocast_dtype(cfg))
     was = model.training
     model.eval()  # no dropout: G_r / h_b are gradients of the model as it is
-    grads, _ = accumulate(model, params, (Term("ce"),), micro, ctx, {})
+    grads, _ = accumulate(model, params, (Term("ce"),), micro, ctx, {}, group=par.group, sharded=par.sharded)
     model.train(was)
     return [g.detach() for g in grads]
 
@@ -100,7 +115,8 @@ def task_vector(model, tokenizer, forget, cfg: UnlearnConfig, *, restore=True, *
     exactly (2 copies: theta and tau; Adam turns even 1-ulp differences of the start into different
     sign-like first steps, so an approximate p - tau restore would not reproduce); with restore=False it
     stays at theta_ft (1 copy: tau is formed in place)."""
-    params = trainable(model)
+    distributed.wrap(model, finetune_kw.get("parallel"), autocast=cfg.autocast)   # fsdp: theta is then shards
+    params = distributed.local_list(trainable(model))
     theta = snapshot(params)
     finetune(model, tokenizer, forget, cfg, **finetune_kw)
     with torch.no_grad():
@@ -115,29 +131,31 @@ def task_vector(model, tokenizer, forget, cfg: UnlearnConfig, *, restore=True, *
 
 def tv_unlearn(model, tokenizer, forget, cfg: UnlearnConfig, *, lam: float = 1.0, **finetune_kw) -> dict:
     """TV baseline (METHODS §4): fine-tune on the forget set, theta <- theta - lam * tau. One copy."""
-    params = trainable(model)
+    distributed.wrap(model, finetune_kw.get("parallel"), autocast=cfg.autocast)   # fsdp: theta is then shards
+    params = distributed.local_list(trainable(model))
     theta = snapshot(params)
     finetune(model, tokenizer, forget, cfg, **finetune_kw)
-    tau_norm = math.sqrt(sum(float((p.detach() - t).pow(2).sum()) for p, t in zip(params, theta)))
+    group = _geo_group(finetune_kw.get("parallel"))
+    tau_norm = _scalar(geometry.norm([p.detach() - t for p, t in zip(params, theta)], group))
     negate_(params, theta, lam)
     return {"lam": lam, "tau_norm": tau_norm}
 
 
 # ---------------------------------------------------------------- TRU (GRU sec. 4)
 @torch.no_grad()
-def rectify_task_vector_(tau, h) -> dict:
+def rectify_task_vector_(tau, h, group=None) -> dict:
     """TRU eq. 11, in place on tau: min ||T~ - T||^2 s.t. subtracting T~ does not raise the reference
     loss to first order.
 
     L(theta - T~) - L(theta) ~ -<T~, h> (h = gradient of the reference NLL), so the constraint is
     <T~, h> >= 0. Closed form (the projection of GRU eq. 8, which the garbled eq. 12 means):
-    T~ = T - <T,h>/||h||^2 h when <T,h> < 0, else T unchanged."""
-    dot, hh = _scalar(geometry.dot(tau, h)), _scalar(geometry.dot(h, h))
+    T~ = T - <T,h>/||h||^2 h when <T,h> < 0, else T unchanged. group: the lists are shards (fsdp)."""
+    dot, hh = _scalar(geometry.dot(tau, h, group)), _scalar(geometry.dot(h, h, group))
     fired = dot < 0 and hh > 0
     if fired:
         for t, g in zip(tau, h):
             t.sub_(g, alpha=dot / hh)
-    return {"dot_before": dot, "dot_after": _scalar(geometry.dot(tau, h)), "projected": float(fired)}
+    return {"dot_before": dot, "dot_after": _scalar(geometry.dot(tau, h, group)), "projected": float(fired)}
 
 
 def rectify_task_vector(tau, h) -> tuple[list[torch.Tensor], dict]:
@@ -147,13 +165,14 @@ def rectify_task_vector(tau, h) -> tuple[list[torch.Tensor], dict]:
 
 
 @torch.no_grad()
-def tru(params, batches, finetune_fn, reference_grad_fn, *, stg: float) -> dict:
+def tru(params, batches, finetune_fn, reference_grad_fn, *, stg: float, group=None) -> dict:
     """TRU (GRU eq. 11-13) on a parameter list.
 
     batches: list of row-index lists partitioning D_u. For each batch b: h_b = reference_grad_fn(rest)
     (NLL gradient on D_u minus b at theta_org), T_b = task vector of finetune_fn(b) from theta_org,
     rectified against h_b, normalised to unit norm; finally theta = theta_org - stg * mean_b(Tbar_b).
-    Copies: theta_org, the running sum, h_b."""
+    Copies: theta_org, the running sum, h_b. params: local tensors (lab.distributed.local_list); group:
+    they are shards (fsdp), so norms and dots are summed over it."""
     if len(batches) < 2:
         raise ValueError(f"TRU needs at least 2 batches (the rest of D_u is the reference); got {len(batches)}")
     theta = snapshot(params)
@@ -167,9 +186,9 @@ def tru(params, batches, finetune_fn, reference_grad_fn, *, stg: float) -> dict:
         for p, t in zip(params, theta):  # params now hold T_b = theta_ft - theta_org (in place)
             p.sub_(t)
         tau = [p.detach() for p in params]
-        tau_norm = _scalar(geometry.norm(tau))
-        row = rectify_task_vector_(tau, h)          # T~_b, still in the parameters
-        norm = _scalar(geometry.norm(tau))
+        tau_norm = _scalar(geometry.norm(tau, group))
+        row = rectify_task_vector_(tau, h, group)   # T~_b, still in the parameters
+        norm = _scalar(geometry.norm(tau, group))
         if norm > 0:
             for s, t in zip(total, tau):
                 s.add_(t, alpha=1.0 / norm)         # Tbar_b = T~_b / ||T~_b||
@@ -184,9 +203,10 @@ def tru(params, batches, finetune_fn, reference_grad_fn, *, stg: float) -> dict:
 
 def tru_unlearn(model, tokenizer, forget, cfg: UnlearnConfig, *, n_batches: int = 4, stg: float = 0.75,
                 method="finetune_forget", method_args=None, run=None, task=None, state: LoopState | None = None,
-                progress=False) -> dict:
+                progress=False, parallel=None) -> dict:
     """TRU on a forget set: random split into n_batches (seed cfg.seed), fine-tuning each with the engine
-    (trace rows go to `run`; one LoopState `state` numbers the steps of all batches)."""
+    (trace rows go to `run`; one LoopState `state` numbers the steps of all batches). parallel: as
+    finetune (under fsdp the model is sharded first, so the arithmetic sees the shards)."""
     if not 2 <= n_batches <= len(forget):
         raise ValueError(f"tru: n_batches={n_batches}; valid: 2..{len(forget)} (rows in the forget set)")
     order = torch.randperm(len(forget), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -194,12 +214,14 @@ def tru_unlearn(model, tokenizer, forget, cfg: UnlearnConfig, *, n_batches: int 
 
     def finetune_fn(rows):
         finetune(model, tokenizer, forget.select(rows), cfg, method=method, method_args=method_args,
-                 run=run, task=task, state=state, progress=progress)
+                 run=run, task=task, state=state, progress=progress, parallel=parallel)
 
     def reference_grad_fn(rows):
-        return nll_gradient(model, tokenizer, forget, cfg, rows)
+        return nll_gradient(model, tokenizer, forget, cfg, rows, parallel=parallel)
 
-    return tru(trainable(model), batches, finetune_fn, reference_grad_fn, stg=stg)
+    distributed.wrap(model, parallel, autocast=cfg.autocast)   # fsdp: shard before taking the lists
+    return tru(distributed.local_list(trainable(model)), batches, finetune_fn, reference_grad_fn, stg=stg,
+               group=_geo_group(parallel))
 
 
 # ---------------------------------------------------------------- UWC (GRU App. F)
