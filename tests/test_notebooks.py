@@ -79,6 +79,13 @@ def test_smoke_profile_executes(name, prepared_tiny, tmp_path):
         assert set(values["family_methods"]) <= set(by_method), (values["family_methods"], sorted(by_method))
         pdu_trace = by_method["pdu"].trace
         assert len(pdu_trace) == values["family_max_steps"] and pdu_trace["dual_retain_weight"].notna().all()
+    if name == "alkn_continual":   # ALKN's MU (App. G): every TOFU continual run scored T-Rouge and MU with it
+        tofu = [rec for rec in map(runs.load_run, found)
+                if rec.config.get("kind") == "continual" and str(rec.config.get("benchmark")).startswith("tofu")]
+        assert tofu
+        for rec in tofu:
+            util = rec.evals[rec.evals["eval_task"].isna() & ~rec.evals["checkpoint"].str.startswith("probe:")]
+            assert "model_utility_trouge" in util and util["model_utility_trouge"].notna().all(), rec.path
     if name in claims.PAPERS and name != "00_quickstart":   # every paper notebook feeds the claims ledger
         ledger = claims.load(tmp_path / f"{name}-smoke.claims.json")
         assert ledger["claims"] and ledger["profile"] == "smoke" and ledger["notebook"] == name
@@ -95,6 +102,15 @@ def test_quickstart_family_section_runs_one_method_of_each_family():
         assert families == ["ceu", "pdu", "satimp", "undial"], (profile, values["family_methods"])
     demo = {**defaults, **report.profile_parameters("00_quickstart", "demo")}
     assert demo["family_max_steps"] is not None and 1 <= demo["family_max_steps"] <= 10
+
+
+@pytest.mark.parametrize("profile", ("cpu", *PROFILES))
+def test_alkn_reports_mu_with_trouge_in_every_profile(profile):
+    """ALKN Table 1's MU folds in T-Rouge (ALKN App. G): every profile that reports MU builds the corpus."""
+    values = report.notebook_parameters("alkn_continual")
+    if profile != "cpu":
+        values.update(report.profile_parameters("alkn_continual", profile))
+    assert isinstance(values.get("trouge"), dict), f"{profile}: no T-Rouge corpus options (trouge)"
 
 
 def test_gru_gpu_profile_sets_tau_per_base_as_gru_appendix_d():
