@@ -95,9 +95,13 @@ def _run_path(run: str, root: str, what="run") -> str:
 def cmd_prepare(args) -> None:
     from lab.prepare import prepare
     _check_model(args.model)
+    launched = args.parallel in ("ddp", "fsdp")
+    if args.serial and launched:
+        raise ValueError(f"--serial with --parallel {args.parallel}: under a launcher the ranks fine-tune target "
+                         "and retain one after the other already; drop --serial")
     prepare(model=args.model, benchmark=args.benchmark, benchmark_kwargs=_kv(args.bench_opt),
             seed=args.seed, runs_root=args.runs, force=args.force, device=args.device,
-            parallel=False if args.serial else None, **_kv(args.set))
+            parallel=args.parallel if launched else (False if args.serial else None), **_kv(args.set))
 
 
 def cmd_eval(args) -> None:
@@ -384,6 +388,10 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     sp.add_argument("--serial", action="store_true",
                     help="fine-tune target and retain one after the other (default on CPU: side by side)")
+    sp.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"],
+                    help="under torchrun / accelerate launch: ddp (replicated weights) or fsdp (FSDP2 shards); "
+                         "the ranks fine-tune retain, then target, together; rank 0 writes the cache entry. "
+                         "Default none = one process (README 'Scaling out')")
     sp.set_defaults(func=cmd_prepare)
 
     sp = sub.add_parser("eval", help="evaluate a model on a benchmark (TOFU or MUSE-News suite)")

@@ -42,6 +42,8 @@ ALIASES = {
     "meta-llama/Llama-3.2-1B-Instruct": "llama-3.2-1b", "HuggingFaceH4/zephyr-7b-beta": "zephyr-7b-beta",
     "microsoft/phi-1_5": "phi-1.5", "phi-1_5": "phi-1.5", "smollm2": "smollm2-135m",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+    # the MUSE-News target (ICLM-7B / Llama-2-7B, fine-tuned on the news): the Llama-2-7B architecture
+    "muse-bench/MUSE-News_target": "llama-2-7b", "muse-bench/MUSE-news_target": "llama-2-7b",
 }
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 PARALLEL = ("none", "ddp", "fsdp")

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from lab.progress import tqdm   # one line per bar when stderr is not a terminal
 
 import lab
-from lab import runs
+from lab import distributed, runs
 from lab.data import benchmark_from_config, get_benchmark, qa_batches
 from lab import eval as lab_eval
 from lab.eval import evaluate
@@ -61,40 +62,43 @@ def cache_root() -> Path:
 # ---------------------------------------------------------------- fine-tuning
 def finetune(model, tokenizer, dataset, *, epochs, lr, batch_size, weight_decay=0.0, warmup=0.0,
              seed=0, max_length=512, autocast_dtype=None, desc="finetune", on_step=None,
-             position=None) -> list[float]:
+             position=None, par=None) -> list[float]:
     """Plain supervised fine-tuning on QA rows (answer tokens only) with AdamW and linear warmup/decay.
 
     Returns the per-step losses; `on_step(step, epoch, loss, lr)` is called after every step.
+    par: a lab.distributed.Parallel under a launcher (every rank calls this; the model already wrapped
+    by lab.distributed.wrap under fsdp). The global batch is drawn once from the seed and split
+    rank::world (lab.distributed.shard_rows); each rank's loss is its tokens' NLL SUM over the global
+    batch's answer tokens, so the summed gradients (all-reduced under ddp, reduce-scattered under
+    fsdp) are the one-process mean gradient: the same steps at any world size.
     """
     if len(dataset) == 0:
         raise ValueError(f"{desc}: empty training set")
     torch.manual_seed(seed)
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    local = distributed.local_list(params)   # the shards under fsdp, the parameters otherwise
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
     total = epochs * steps_per_epoch
     warm = max(1, int(warmup * total))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(local, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    device = next(model.parameters()).device
+    device = local[0].device
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
            else torch.autocast(device.type, enabled=False))
     losses, step = [], 0
-    bar = tqdm(total=total, desc=desc, leave=False, position=position)
+    bar = tqdm(total=total, desc=desc, leave=False, position=position,
+               disable=par is not None and not par.is_writer)
     for epoch in range(epochs):
         for batch in qa_batches(tokenizer, dataset, batch_size, shuffle=True, seed=seed + epoch,
                                 max_length=max_length):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with ctx:
-                loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step} (epoch {epoch})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            loss = _sft_step(model, params, local, batch, ctx, device, par, f"at step {step} (epoch {epoch})", desc)
             opt.step()
             sched.step()
-            losses.append(loss.item())
+            for p in local:
+                p.grad = None
+            losses.append(loss)
             if on_step:
                 on_step(step, epoch, losses[-1], sched.get_last_lr()[0])
             step += 1
@@ -103,6 +107,88 @@ def finetune(model, tokenizer, dataset, *, epochs, lr, batch_size, weight_decay=
     bar.close()
     model.eval()
     return losses
+
+
+def _rank_rows(batch: dict, par) -> tuple[dict, float]:
+    """(this rank's rows of a global batch, their loss weight). A rank left without rows (a last batch
+    smaller than the world) runs the first row with weight 0: under fsdp every rank must run forward and
+    backward (their all-gathers and reduce-scatters), and 0 * a finite loss adds exactly nothing."""
+    if par is None or par.group is None:
+        return batch, 1.0
+    part = distributed.shard_rows(batch, par.rank, par.world)
+    if len(part["input_ids"]):
+        return part, 1.0
+    return {k: v[:1] for k, v in batch.items()}, 0.0
+
+
+def _sft_step(model, params, local, batch, ctx, device, par, where, desc) -> float:
+    """Forward and backward of one global batch on this rank; leaves the global, clipped gradient in
+    local[i].grad and returns the global mean loss. Under a launcher the loss sum and this rank's
+    failure flag travel in ONE all_reduce before backward: a rank whose forward failed stops every rank
+    there (its own exception; the others RankFailed with its message), and a non-finite loss stops all."""
+    units = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)   # the global batch's answer tokens
+    part, weight = _rank_rows(batch, par)
+    part = {k: v.to(device) for k, v in part.items()}
+    error, loss = None, None
+    try:
+        with ctx:
+            logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+        loss = weight * _token_nll_sum(logits, part["labels"]) / units
+    except Exception as e:   # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    if par is not None and par.group is not None:
+        flags = torch.stack([loss.detach() if loss is not None else torch.zeros((), device=device),
+                             torch.tensor(float(error is not None), device=device)])
+        dist.all_reduce(flags, group=par.group)
+        if flags[1] > 0:
+            _raise_everywhere(error, par)
+        total = flags[0]
+    else:
+        if error is not None:
+            raise error
+        total = loss.detach()
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"{desc}: loss is {total.item()} {where}")
+    for p in params:
+        p.grad = None
+    loss.backward()
+    grads = [distributed.local(p.grad) if p.grad is not None else torch.zeros_like(q) for p, q in zip(params, local)]
+    for p in params:
+        p.grad = None
+    if par is not None and par.group is not None and not par.sharded:   # ddp: sum the replicas' gradients
+        work = [dist.all_reduce(g, group=par.group, async_op=True) for g in grads]
+        for w in work:
+            w.wait()
+    _clip_(grads, 1.0, par)
+    for q, g in zip(local, grads):
+        q.grad = g
+    return total.item()
+
+
+def _token_nll_sum(logits, labels):
+    """Sum of the next-token NLL over the answer tokens (labels != -100), in float32 (as HF's loss)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def _clip_(grads, max_norm, par):
+    """torch.nn.utils.clip_grad_norm_'s rule on the global gradient: under fsdp its norm is the sum of
+    the shards' squared norms, all-reduced."""
+    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    if par is not None and par.sharded:
+        dist.all_reduce(sq, group=par.group)
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+
+
+def _raise_everywhere(error, par):
+    """Every rank raises: the failing rank its own exception, the others RankFailed with its message."""
+    msg = None if error is None else f"rank {par.rank}: {type(error).__name__}: {error}"
+    failed = [m for m in distributed.all_gather_objects(msg, par) if m]
+    if error is not None:
+        raise error
+    raise distributed.RankFailed(failed[0])
 
 
 # ---------------------------------------------------------------- prepared models
@@ -222,16 +308,24 @@ def prepare(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, see
             force=False, verbose=True, device="cpu", parallel=None, **hparams) -> Prepared:
     """Fine-tune target (forget + retain) and retain-only models, evaluate both, cache the result.
 
-    device: where to fine-tune and evaluate ("cuda" on a GPU machine). parallel: fine-tune the two
-    models side by side in two processes, each with half the CPU threads (None: on CPU with >= 2
-    threads). Small models use threads poorly, so two half-width processes finish sooner than two
-    full-width runs in turn. Neither changes the cache key: the cached models are the same recipe
-    (up to floating-point summation order). Cached models whose evaluation under the current
-    EVAL_OPTIONS / EVAL_VERSION is missing are only evaluated, not fine-tuned again."""
+    device: where to fine-tune and evaluate ("cuda" on a GPU machine). parallel: True / False: fine-tune
+    the two models side by side in two processes, each with half the CPU threads, or one after the
+    other; None or "none": side by side on CPU with >= 2 threads. Small models use threads poorly, so
+    two half-width processes finish sooner than two full-width runs in turn. "ddp" / "fsdp": under
+    torchrun / accelerate launch, every rank calls prepare() and the ranks fine-tune target and retain
+    one after the other together (lab.distributed; README 'Scaling out'). None of these changes the
+    cache key: the cached models are the same recipe (up to floating-point summation order). Cached
+    models whose evaluation under the current EVAL_OPTIONS / EVAL_VERSION is missing are only
+    evaluated, not fine-tuned again."""
+    mode = launch_mode(parallel)
     cfg = prepare_config(model, benchmark, benchmark_kwargs, seed, **hparams)
     bench = benchmark_from_config(cfg["benchmark"])
     model_key, eval_key = cache_keys(cfg, bench)
     path = cache_root() / "prepared" / model_key
+    if mode != "none":
+        return _prepare_launched(cfg, bench, path, eval_key, mode, runs_root=runs_root, force=force,
+                                 verbose=verbose, device=device)
+    parallel = None if parallel == "none" else parallel
     # one preparer per cache entry: parallel test workers / notebooks wait instead of training twice
     with entry_lock(path):
         _remove_stale_tmp(path)
@@ -253,6 +347,161 @@ def prepare(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, see
 
 
 CHECKPOINTS = ("retain", "target")   # retain first: the target's evaluation needs it as the reference
+
+
+def launch_mode(parallel) -> str:
+    """'none' (one process: side by side or serial), or the lab.distributed mode of a launcher."""
+    if parallel is None or isinstance(parallel, bool):
+        return "none"
+    if parallel not in distributed.MODES:
+        raise ValueError(f"prepare: parallel={parallel!r}; valid: {', '.join(distributed.MODES)}, "
+                         "True / False (side by side / one after the other in one process) or None")
+    return parallel
+
+
+# ---------------------------------------------------------------- under a launcher (ddp / fsdp)
+def _prepare_launched(cfg, bench, path, eval_key, mode, *, runs_root, force, verbose, device) -> Prepared:
+    """prepare() on every rank of a launcher. Rank 0 alone holds the entry lock and decides (fresh /
+    evaluate only / cached); the other ranks wait for its decision, take part in the work, then load
+    the finished entry. Rank 0 writes the cache entry (atomically, as in one process) and the run;
+    any rank's failure stops every rank (lab.distributed.run_all_or_none) and leaves no entry."""
+    par = distributed.setup(mode, device)
+    lock = entry_lock(path) if par.is_writer else contextlib.nullcontext()
+    with lock:
+        todo = distributed.from_writer(lambda: _todo(path, eval_key, force), par)
+        if todo == "fresh":
+            _prepare_fresh_launched(cfg, bench, path, eval_key, runs_root, par)
+        elif todo == "evaluate":
+            _evaluate_cached_launched(cfg, bench, path, eval_key, par)
+        distributed.barrier(par)   # the entry is complete before any rank reads it
+    prepared = _load_prepared(path, eval_key, cfg)
+    if verbose and par.is_writer:
+        what = {"fresh": "prepared models", "evaluate": "prepared models (cached; evaluation recomputed)",
+                "cached": "prepared models (cached)"}[todo]
+        print(f"{what} ({mode}, {par.world} ranks): {path}" + (f"\nrun: {prepared.run_dir}" if prepared.run_dir else ""))
+        print(memorisation_table(prepared))
+    return prepared
+
+
+def _todo(path: Path, eval_key: str, force: bool) -> str:
+    """What the entry needs (rank 0, lock held): 'fresh', 'evaluate' (models cached) or 'cached'."""
+    _remove_stale_tmp(path)
+    if force or not (path / "prepared.json").exists():
+        return "fresh"
+    return "cached" if (path / "evals" / eval_key / "eval.json").exists() else "evaluate"
+
+
+def _prepare_fresh_launched(cfg, bench, path, eval_key, runs_root, par) -> None:
+    """Fine-tune retain, evaluate it, then the target against it, all ranks together; rank 0 writes
+    a temporary entry and moves it into place when complete."""
+    on_writer = lambda fn: distributed.run_all_or_none(lambda: fn() if par.is_writer else None, par)  # noqa: E731
+    tmp = Path(distributed.from_writer(lambda: str(_new_tmp(path)), par))
+    try:
+        with contextlib.ExitStack() as stack:
+            run_cfg = {**cfg, "device": par.device, "parallel": par.mode, "world_size": par.world}
+            run = on_writer(lambda: stack.enter_context(runs.create_run(run_cfg, root=runs_root)))
+            run = run if par.is_writer else distributed.NullRun()
+            results, info = {}, None
+            for which in CHECKPOINTS:
+                net, tok, rows, net_info = finetune_checkpoint_launched(cfg, which, tmp, par)
+                info = net_info if which == "target" else info
+                on_writer(lambda: [run.log_step({k: v for k, v in r.items() if k != "finetune_seconds"}) for r in rows])
+                t0 = time.time()
+                res = _evaluate_one(cfg, bench, which, net, tok, results.get("retain"), par)
+                del net
+                seconds = time.time() - t0
+                on_writer(lambda: run.log_eval({"step": 0, "checkpoint": which, "finetune_seconds": rows[-1]["finetune_seconds"],
+                                                "eval_seconds": seconds, **res["metrics"]}, rows=res["rows"]))
+                results[which] = res
+
+            def finish():
+                _write_eval(tmp / "evals" / eval_key, cfg, results)
+                meta = {"config": cfg, "model_info": info, "run_dir": str(run.path)}
+                runs.atomic_write_json(tmp / "prepared.json", meta)   # written last: marks the models complete
+                run.write_summary(metrics={w: r["metrics"] for w, r in results.items()}, cache=str(path))
+            on_writer(finish)
+        on_writer(lambda: _move_into_place(tmp, path))
+    except BaseException:
+        if par.is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _new_tmp(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _tmp_dir(path.parent, path.name)
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def finetune_checkpoint_launched(cfg: dict, which: str, out: Path, par):
+    """finetune_checkpoint on every rank of `par`: (model, tokenizer, trace rows, model_info); rank 0
+    saves out/<which> from the full weights. A rank that fails to load stops every rank."""
+    bench = benchmark_from_config(cfg["benchmark"])
+    data = bench.train_retain if which == "retain" else bench.train_full
+    train = {k: cfg[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "warmup", "max_length")}
+    net, tok = distributed.run_all_or_none(lambda: load_model(cfg["model"], seed=cfg["seed"], device=par.device), par)
+    info = model_info(net)   # before sharding: the whole model's counts and class
+    distributed.wrap(net, par, autocast=cfg["autocast"])
+    rows = []
+    t0 = time.time()
+    finetune(net, tok, data, seed=cfg["seed"], autocast_dtype=getattr(torch, cfg["autocast"]) if cfg["autocast"]
+             else None, desc=f"fine-tune {which}", par=par,
+             on_step=lambda s, e, l, lr: rows.append({"step": s, "epoch": e, "checkpoint": which, "loss": l, "lr": lr}),
+             **train)
+    rows[-1]["finetune_seconds"] = time.time() - t0
+    state = distributed.full_state_dict(net, par)   # a collective under fsdp (None otherwise)
+    distributed.run_all_or_none(lambda: _save_checkpoint(net, tok, out / which, state, info) if par.is_writer
+                                else None, par)
+    return net, tok, rows, info
+
+
+def _save_checkpoint(net, tok, where: Path, state, info) -> None:
+    """save_pretrained of the full weights; the config names the model's own class, not FSDP2's subclass."""
+    net.save_pretrained(where, **({"state_dict": state} if state is not None else {}))
+    tok.save_pretrained(where)
+    config = json.loads((where / "config.json").read_text())
+    config["architectures"] = [info["architecture"]]
+    runs.atomic_write_json(where / "config.json", config)
+
+
+def _evaluate_one(cfg, bench, which, net, tok, reference, par) -> dict | None:
+    """lab.distributed.evaluate of one checkpoint with the config's options (rows split across ranks,
+    the result on rank 0, None elsewhere); the retain model against itself as in one process. The
+    reference (the retain result, rank 0's) is sent to every rank: each scores its rows against it."""
+    reference = distributed.from_writer(lambda: reference, par) if which == "target" else None
+    res = distributed.evaluate(net, tok, bench, par, reference=reference, batch_size=cfg["eval_batch_size"],
+                               limit=cfg["eval_limit"], score_eos=cfg.get("score_eos", True),
+                               autocast_dtype=getattr(torch, cfg["autocast"]) if cfg["autocast"] else None,
+                               progress=par.is_writer)
+    if res is not None and which == "retain":
+        res = evaluate_reference_self(res)
+    return res
+
+
+def _evaluate_cached_launched(cfg, bench, path: Path, eval_key: str, par) -> None:
+    """_evaluate_cached under a launcher: every rank loads the cached models and scores its rows; rank 0
+    writes the evaluation atomically."""
+    results = {}
+    for which in CHECKPOINTS:
+        net, tok = distributed.run_all_or_none(lambda: load_model(str(path / which), device=par.device), par)
+        results[which] = _evaluate_one(cfg, bench, which, net, tok, results.get("retain"), par)
+
+    def write():
+        evals = path / "evals"
+        evals.mkdir(exist_ok=True)
+        tmp = _tmp_dir(evals, eval_key)
+        try:
+            _write_eval(tmp, cfg, results)
+            os.replace(tmp, evals / eval_key)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    distributed.run_all_or_none(lambda: write() if par.is_writer else None, par)
 
 
 def finetune_checkpoint(cfg: dict, which: str, out: Path, device="cpu", threads=None, position=None) -> list[dict]:

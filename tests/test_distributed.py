@@ -1,5 +1,6 @@
 """lab.distributed on CPU (gloo): world-size invariance of the one engine under ddp and fsdp (FSDP2
 shards), the sampling split, distributed evaluation == one process, a failing rank stops all."""
+import json
 import os
 import socket
 
@@ -343,3 +344,105 @@ def test_continual_refuses_what_a_launcher_cannot_run():
     with pytest.raises(ValueError, match="probes run in one process: leave them out under --parallel ddp|fsdp"):
         C.continual(method="npo_rt", parallel="ddp", probes=["quant8"])
     C.check_parallel(C.ContinualConfig(method="alkn_wo_dgs", parallel="fsdp"))   # no DGS: no global quantile
+
+
+# ---------------------------------------------------------------- lab prepare under a launcher (issue 17)
+# one author forget + one retain, no extras: 40 target rows (batches 16, 16, 8) and 20 retain rows (16, 4)
+PREPARE = dict(model="tiny", benchmark="tofu_subset", verbose=False, epochs=2, eval_limit=4,
+               benchmark_kwargs={"n_retain_authors": 1, "n_forget_authors": 1, "extras": False})
+
+
+def _broken_save(*a, **k):
+    raise OSError("disk full")
+
+
+def _prepare_worker(rank, world, port, out, mode, root, job):
+    import torch.distributed as dist
+    from lab import prepare as prep
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LAB_CACHE=str(root / "cache"))   # this spawned process only
+    torch.set_num_threads(1)
+    try:
+        if job == "fail-write" and rank == 0:   # rank 0's write of the retain checkpoint fails
+            prep._save_checkpoint = _broken_save
+        if job == "fail-step" and rank == 1:    # rank 1's forward fails at its second step
+            real, calls = prep._token_nll_sum, []
+
+            def broken(*a, **k):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise RuntimeError("out of memory")
+                return real(*a, **k)
+            prep._token_nll_sum = broken
+        prepared = prep.prepare(parallel=mode, runs_root=root / "runs", **PREPARE)
+        if rank == 0:
+            torch.save({"path": str(prepared.path), "run_dir": str(prepared.run_dir),
+                        "target": prepared.target_eval["metrics"], "retain": prepared.retain_eval["metrics"]}, out)
+    except Exception as e:   # noqa: BLE001 - what each rank saw is the test's subject
+        torch.save({"type": type(e).__name__, "message": str(e)}, f"{out}.{rank}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn_prepare(world, mode, root, job="run"):
+    import torch.multiprocessing as mp
+    out = str(root / f"prepare-{job}-{mode}-{world}.pt")
+    mp.spawn(_prepare_worker, args=(world, _free_port(), out, mode, root, job), nprocs=world, join=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared_serial(tmp_path_factory):
+    """The one-process reference (target and retain one after the other) in its own cache."""
+    from lab import prepare as prep
+    root = tmp_path_factory.mktemp("prepare-serial")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LAB_CACHE", str(root / "cache"))
+    try:
+        return prep.prepare(parallel=False, runs_root=root / "runs", **PREPARE)
+    finally:
+        mp.undo()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_prepare_world_size_two_matches_one_process(mode, prepared_serial, tmp_path):
+    from lab import prepare as prep, runs
+    from lab.models import load_model
+    got = _load_continual(_spawn_prepare(2, mode, tmp_path))
+    path = tmp_path / "cache" / "prepared" / prepared_serial.path.name
+    assert got["path"] == str(path)                     # the same recipe: the same cache key
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]   # no tmp dir, no lock left
+    for which in prep.CHECKPOINTS:
+        a, b = load_model(str(prepared_serial.path / which))[0], load_model(str(path / which))[0]
+        start = load_model("tiny", seed=0)[0].state_dict()
+        moved = sum(float((x - start[k]).norm() ** 2) for k, x in a.state_dict().items()) ** 0.5
+        diff = sum(float((x - y).norm() ** 2) for x, y in zip(a.state_dict().values(), b.state_dict().values())) ** 0.5
+        assert moved > 1e-1 and diff < 1e-4 * moved, (mode, which, diff, moved)
+        saved = json.loads((path / which / "config.json").read_text())["architectures"]
+        assert saved == [type(a).__name__], saved           # the model's class, not FSDP2's subclass
+    t1, t2 = runs.load_run(prepared_serial.run_dir).trace, runs.load_run(got["run_dir"]).trace
+    assert list(t2["checkpoint"]) == list(t1["checkpoint"]) and list(t2["step"]) == list(t1["step"])
+    np.testing.assert_allclose(t2["loss"], t1["loss"], rtol=1e-4)
+    np.testing.assert_allclose(t2["lr"], t1["lr"], rtol=1e-6)
+    for which in prep.CHECKPOINTS:
+        ref = getattr(prepared_serial, f"{which}_eval")["metrics"]
+        for k, v in ref.items():
+            if isinstance(v, (int, float)):
+                assert got[which][k] == pytest.approx(v, rel=1e-3, abs=1e-5, nan_ok=True), (mode, which, k)
+    assert runs.load_run(got["run_dir"]).config["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job, failing, message", [("fail-write", 0, "OSError: disk full"),
+                                                   ("fail-step", 1, "RuntimeError: out of memory")])
+def test_prepare_a_failing_rank_stops_every_rank_and_leaves_nothing(job, failing, message, tmp_path):
+    from lab import runs
+    out = _spawn_prepare(2, "ddp", tmp_path, job=job)
+    assert not os.path.exists(out)
+    own, other = torch.load(f"{out}.{failing}"), torch.load(f"{out}.{1 - failing}")
+    assert own["type"] == message.split(":")[0] and message.split(": ", 1)[1] in own["message"]
+    assert other == {"type": "RankFailed", "message": f"rank {failing}: {message}"}
+    assert list((tmp_path / "cache" / "prepared").iterdir()) == []   # no entry, no tmp dir, no lock
+    assert runs.find_runs(tmp_path / "runs") == []

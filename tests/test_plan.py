@@ -95,3 +95,60 @@ def test_cli_plan_prints_table_and_verdict(capsys):
     main(["plan", "--model", "tiny", "--method", "gru_npo_gd", "--batch-size", "2", "--max-length", "32"])
     out = capsys.readouterr().out
     assert "GRU EMA" in out and "fits in 80 GiB" in out
+
+
+# ---------------------------------------------------------------- the GPU parameter files (issue 17)
+import pathlib
+import re
+import shlex
+
+import yaml
+
+GPU_PARAMS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "params" / "gpu").glob("*.yaml"))
+# a header line of a gpu yaml: "#   [muse] lab plan --model M --method X ... -> 31.2 GiB per device"
+PLAN_LINE = re.compile(r"^#\s+(?:\[(?P<part>muse)\]\s+)?(?P<cmd>lab plan .+?)\s+->\s+(?P<gib>[\d.]+) GiB per device")
+# the yaml keys each `lab plan` option must equal (MUSE parts: muse_<key>, else the shared key)
+YAML_KEYS = {"model": "model", "batch_size": "batch_size", "micro_batch_size": "micro_batch_size",
+             "max_length": "max_length"}
+
+
+def plan_lines(path):
+    return [m.groupdict() for line in path.read_text().splitlines() if (m := PLAN_LINE.match(line))]
+
+
+def _yaml_value(params, part, key):
+    if part and f"{part}_{key}" in params:
+        return params[f"{part}_{key}"]
+    return params.get(key, 512 if key == "max_length" else None)   # the engine's max_length default
+
+
+@pytest.mark.parametrize("path", GPU_PARAMS, ids=lambda p: p.name)
+def test_gpu_params_state_a_setting_that_lab_plan_says_fits(path):
+    """Every gpu yaml states, as `lab plan` commands in its header, a setting for each model it runs;
+    the commands name the file's own model / batch / micro-batch / length, lab plan says they fit, and
+    the GiB the header prints is what lab plan predicts today."""
+    from lab.cli import build_parser
+    params, lines = yaml.safe_load(path.read_text()), plan_lines(path)
+    assert lines, f"{path.name}: no '# lab plan ... -> X GiB per device' line in its header"
+    models = {params["model"]} | ({params["muse_model"]} if "muse_model" in params else set())
+    assert models <= {a.model for a in (build_parser().parse_args(shlex.split(l["cmd"])[1:]) for l in lines)}, \
+        f"{path.name}: a model without a lab plan line"
+    for line in lines:
+        args = build_parser().parse_args(shlex.split(line["cmd"])[1:])
+        for key, yaml_key in YAML_KEYS.items():
+            assert getattr(args, key) == _yaml_value(params, line["part"], yaml_key), (path.name, line["cmd"], key)
+        p = plan(args.model, args.method, parallel=args.parallel, gpus=args.gpus, lora=args.lora,
+                 batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+                 dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, gpu_memory=args.gpu_memory,
+                 diagnostics=args.diagnostics)
+        assert p["fits"], (path.name, line["cmd"], p["total"] / GiB)
+        assert p["total"] / GiB == pytest.approx(float(line["gib"]), abs=0.05), (path.name, line["cmd"])
+
+
+def test_a_gpu_params_line_that_does_not_fit_fails(tmp_path):
+    """The check above can fail: full Llama-2-7B GRU on one 80 GiB GPU does not fit."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# lab plan --model llama-2-7b --method gru_npo_gd --batch-size 32 --micro-batch-size 8 "
+                   "--max-length 512 -> 150.0 GiB per device\nmodel: llama-2-7b\nbatch_size: 32\nmicro_batch_size: 8\n")
+    with pytest.raises(AssertionError, match="bad.yaml"):
+        test_gpu_params_state_a_setting_that_lab_plan_says_fits(bad)
