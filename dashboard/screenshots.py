@@ -53,6 +53,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """terminate, wait up to `timeout` s, then kill: a server started for a page or a test never outlives it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def serve(runs_root, port: int | None = None, timeout: float = 90.0, log_path=None):
     """Run the dashboard on localhost:<port> for the with-block; yields its base URL."""
@@ -80,12 +90,7 @@ def serve(runs_root, port: int | None = None, timeout: float = 90.0, log_path=No
             time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         if log is not subprocess.DEVNULL:
             log.close()
 

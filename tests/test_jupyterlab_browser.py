@@ -69,12 +69,7 @@ def jupyterlab(tmp_path, timeout: float = 180.0):
             time.sleep(0.5)
         yield base, token, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        screenshots.stop_process(proc, timeout=20)
 
 
 @pytest.mark.slow

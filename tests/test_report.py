@@ -183,6 +183,8 @@ def test_dashboard_started_from_another_folder_listens_on_localhost_only(tmp_pat
     import sys
     import time
     import urllib.request
+
+    from dashboard import screenshots
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -206,12 +208,7 @@ def test_dashboard_started_from_another_folder_listens_on_localhost_only(tmp_pat
         addresses = _listening(port)
         assert addresses and set(addresses) <= LOOPBACK, addresses      # not 0.0.0.0 / :: (all interfaces)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        screenshots.stop_process(proc, timeout=15)
     text = log.read_text()
     assert "Network URL" not in text and f"URL: http://localhost:{port}" in text
     assert str(elsewhere / "runs") in text                                   # --runs relative to the caller
