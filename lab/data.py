@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -389,13 +390,160 @@ def tofu_subset(n_retain_authors: int = 8, n_forget_authors: int = 2, extras: bo
     return Benchmark("tofu_subset", train_full, train_retain, forget, retain, eval_sets, config)
 
 
-def muse_news_benchmark(retain: str = MUSE_RETAIN_STANDIN, root=None) -> Benchmark:
-    """MUSE-News: unlearn the raw forget corpus (text). No fine-tuning data (the target is a given model).
+# ---------------------------------------------------------------- MUSE-News: the prepared target's forget articles
+# lab.prepare fine-tunes a model on the forget news itself (no MUSE target checkpoint offline). The articles
+# it trains on are chosen so that the evaluation's forget items test memorised text: first the raw/forget
+# articles the verbmem, knowmem and privleak forget items come from (found by text match, `muse_sources`),
+# then a seeded sample of the other articles (`muse_forget_selection`).
+MUSE_SOURCE_SETS = {"verbmem": "verbmem/forget", "knowmem": "knowmem/forget_qa", "privleak": "privleak/forget"}
+MUSE_DOC_SEED = 0          # the order in which the other (non-source) articles are sampled
+MUSE_QA_MATCH = 0.3        # a knowmem item's paragraph must hold its answer and >= 30 % of its question's
+                           # idf-weighted words (below: no source; 46 of the 100 forget questions match)
+_MATCH_CHARS = 100         # a verbatim window of this many characters on each side of a passage's midpoint
+_STOP = frozenset("what the and did how which who when was were does for from with that this many much "
+                  "according year has have are his her its their they into about".split())
 
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())   # the corpora differ from the eval items in whitespace only
+
+
+def _words(text: str) -> set:
+    return set(re.findall(r"[a-z0-9]{3,}", text.lower())) - _STOP
+
+
+def _first_holding(articles: list[str], window: str):
+    return next((i for i, a in enumerate(articles) if window in a), None)
+
+
+def _passage_source(articles, before: str, after: str):
+    """The first article holding the text around the seam of before|after (a verbmem prompt|continuation,
+    an excerpt's halves); the seam may cross into the next article, so each side alone is tried next."""
+    b, a = _norm(before), _norm(after)
+    w = _MATCH_CHARS
+    for window in (f"{b[-w:]} {a[:w]}".strip(), a[:2 * w], b[-2 * w:]):
+        if window and (i := _first_holding(articles, window)) is not None:
+            return i
+    return None
+
+
+def _qa_sources(raw: list[str], qa) -> list:
+    """Per question, the article (raw text: its lines are paragraphs) whose paragraph holds the answer and
+    most of the question's rare words; exact duplicates resolve to the first."""
+    paras = [(i, p) for i, a in enumerate(raw) for p in a.split("\n") if p.strip()]
+    words = [_words(p) for _, p in paras]
+    lower = [_norm(p).lower() for _, p in paras]
+    df: dict = {}
+    for ws in words:
+        for x in ws:
+            df[x] = df.get(x, 0) + 1
+    idf = {x: math.log(len(paras) / (1 + n)) for x, n in df.items()}
+    out = []
+    for question, answer in zip(qa["question"], qa["answer"]):
+        ans, q = _norm(answer).lower(), _words(question)
+        mass = sum(idf.get(x, math.log(len(paras))) for x in q) or 1.0
+        scored = [(sum(idf[x] for x in q & words[j]) / mass, -j) for j in range(len(paras)) if ans and ans in lower[j]]
+        best = max(scored, default=(0.0, 0))
+        out.append(paras[-best[1]][0] if best[0] >= MUSE_QA_MATCH else None)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _muse_sources_cached(root_key) -> tuple:
+    root = None if root_key is None else root_key[0]
+    texts = list(load_muse_news("raw/forget", root)["text"])
+    raw = [_norm(t) for t in texts]
+    vm, qa = load_muse_news("verbmem/forget", root), load_muse_news("knowmem/forget_qa", root)
+    excerpt = lambda t: _passage_source(raw, t[:len(t) // 2], t[len(t) // 2:])  # noqa: E731
+    holdout = [excerpt(t) for t in load_muse_news("privleak/holdout", root)["text"]]
+    sources = {"verbmem": [_passage_source(raw, p, g) for p, g in zip(vm["prompt"], vm["gt"])],
+               "knowmem": _qa_sources(texts, qa),
+               "privleak": [excerpt(t) for t in load_muse_news("privleak/forget", root)["text"]]}
+    return sources, sorted({i for i in holdout if i is not None})
+
+
+def _sources_key(root):
+    base = data_root(root)
+    if base is None:
+        return None
+    files = [base / "muse_news" / f"{s}.json" for s in ("raw/forget", *MUSE_SOURCE_SETS.values(), "privleak/holdout")]
+    return (str(root) if root is not None else None, tuple((str(f), f.stat().st_mtime_ns) for f in files if f.exists()))
+
+
+def muse_sources(root=None) -> tuple[dict, list]:
+    """({set: the raw/forget row each forget item comes from, None where no article matches}, the raw/forget
+    rows that hold a privleak HOLDOUT excerpt). Sets: MUSE_SOURCE_SETS, items in file order. Text match:
+    verbmem items and privleak excerpts by a verbatim 200-character window (whitespace collapsed), knowmem
+    items by their answer and question words (MUSE_QA_MATCH). Exact duplicate articles map to the first."""
+    sources, holdout = _muse_sources_cached(_sources_key(root))
+    return {k: list(v) for k, v in sources.items()}, list(holdout)
+
+
+def muse_forget_selection(max_docs: int, other_docs: int | None = None, root=None) -> tuple[list[int], dict]:
+    """(raw/forget rows, summary): the forget articles of a prepared MUSE target. First the source articles
+    of the forget items, taking item 0 of verbmem, knowmem, privleak, then item 1 of each, ... (an eval
+    limited to its first rows then tests memorised articles), each article once, up to max_docs - other_docs;
+    then `other_docs` (default max_docs // 4) of the remaining articles in a MUSE_DOC_SEED-seeded random
+    order; then more sources, then more others if the corpus has too few of either. Never chosen: empty
+    articles, exact duplicates of a chosen one, articles holding a privleak holdout excerpt (the
+    holdout must stay non-members)."""
+    _count_muse("max_docs", max_docs, 1)
+    other_docs = max_docs // 4 if other_docs is None else other_docs
+    _count_muse("other_docs", other_docs, 0)
+    if other_docs > max_docs:
+        raise ValueError(f"muse_news: other_docs={other_docs} > max_docs={max_docs}; valid: 0..max_docs")
+    texts = [_norm(t) for t in load_muse_news("raw/forget", root)["text"]]
+    sources, holdout = muse_sources(root)
+    banned, seen = set(holdout), set()
+
+    def usable(i):
+        return i is not None and i not in banned and texts[i] and texts[i] not in seen
+
+    ranked = [row for items in zip(*sources.values()) for row in items]
+    src = [i for i in dict.fromkeys(ranked) if usable(i) and not seen.add(texts[i])]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(MUSE_DOC_SEED)).tolist()
+    rest = [i for i in order if usable(i) and not seen.add(texts[i])]
+    n_src = min(len(src), max_docs - min(other_docs, len(rest)))
+    n_rest = min(len(rest), max_docs - n_src)
+    rows = src[:n_src] + rest[:n_rest]
+    chosen = set(rows)
+    covered = {k: sum(1 for i in v if i in chosen) for k, v in sources.items()}
+    summary = {"source_docs": n_src, "other_docs": n_rest, "items_with_source": covered}
+    return rows, summary
+
+
+def _count_muse(name, value, lo):
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"muse_news: {name}={value!r}; valid: an int >= {lo}")
+
+
+def muse_retain_text(ds: Dataset) -> list[str]:
+    """The retain stand-in as training text: excerpts as they are, QA rows in the knowmem prompt's format
+    (lab.eval: "Question: ...\nAnswer: ...")."""
+    if "text" in ds.column_names:
+        return list(ds["text"])
+    return [f"Question: {q}\nAnswer: {a}" for q, a in zip(ds["question"], ds["answer"])]
+
+
+def _text_rows(texts, source, rows) -> Dataset:
+    return Dataset.from_dict({"text": list(texts), "source": [source] * len(texts), "row": list(rows)})
+
+
+def muse_news_benchmark(retain: str = MUSE_RETAIN_STANDIN, root=None, max_docs: int | None = None,
+                        other_docs: int | None = None) -> Benchmark:
+    """MUSE-News: unlearn the raw forget corpus (text).
+
+    max_docs None: the whole raw/forget corpus is the forget set and there is no fine-tuning data (the
+    target is a given model, e.g. the MUSE target checkpoint on a GPU). max_docs=N: the forget set is the
+    N articles of `muse_forget_selection` (sources of the forget items + `other_docs` sampled others), and
+    lab.prepare fine-tunes a target on them + the retain stand-in (train_full) and a retrain reference
+    on the retain stand-in only (train_retain), both as plain text.
     The raw retain corpus is not available offline: `retain` names the stand-in the retain loss uses."""
     if retain not in MUSE_RETAIN_CHOICES:
         raise ValueError(f"muse_news_benchmark: retain={retain!r}; valid stand-ins: {list(MUSE_RETAIN_CHOICES)} "
                          f"(not available offline: {list(MUSE_MISSING)})")
+    if max_docs is None and other_docs is not None:
+        raise ValueError(f"muse_news: other_docs={other_docs!r} needs max_docs (the whole corpus has no sample)")
     names = {"verbmem": "verbmem/forget", "knowmem_forget": "knowmem/forget_qa",
              "knowmem_retain": "knowmem/retain2_qa", "knowmem_forget_icl": "knowmem/forget_qa_icl",
              "knowmem_retain_icl": "knowmem/retain2_qa_icl", "privleak_forget": "privleak/forget",
@@ -403,8 +551,17 @@ def muse_news_benchmark(retain: str = MUSE_RETAIN_STANDIN, root=None) -> Benchma
     eval_sets = {k: load_muse_news(v, root) for k, v in names.items()}
     config = {"name": "muse_news", "retain_standin": retain, "root": _root_arg(root),
               "note": f"raw retain corpus unavailable offline; retain loss uses {retain} as a stand-in"}
-    return Benchmark("muse_news", None, None, load_muse_news("raw/forget", root), load_muse_news(retain, root),
-                     eval_sets, config)
+    forget, retain_ds = load_muse_news("raw/forget", root), load_muse_news(retain, root)
+    if max_docs is None:
+        return Benchmark("muse_news", None, None, forget, retain_ds, eval_sets, config)
+    rows, summary = muse_forget_selection(max_docs, other_docs, root)
+    forget = forget.select(rows)
+    train_retain = _text_rows(muse_retain_text(retain_ds), retain, retain_ds["row"])
+    train_full = concatenate_datasets([_text_rows(forget["text"], "raw/forget", rows), train_retain])
+    config.update(max_docs=max_docs, other_docs=other_docs, selection=summary)
+    config["note"] += (f"; forget = {len(rows)} raw/forget articles ({summary['source_docs']} holding forget "
+                       f"items, {summary['other_docs']} sampled others, seed {MUSE_DOC_SEED})")
+    return Benchmark("muse_news", train_full, train_retain, forget, retain_ds, eval_sets, config)
 
 
 BENCHMARKS = {
@@ -428,7 +585,7 @@ def get_benchmark(name: str, **kwargs) -> Benchmark:
     return bench
 
 
-_CONFIG_INFO = ("name", "note")           # recorded for readers, not builder arguments
+_CONFIG_INFO = ("name", "note", "selection")   # recorded for readers, not builder arguments
 _CONFIG_ALIASES = {"retain_standin": "retain"}
 
 
@@ -584,3 +741,39 @@ def text_batches(tokenizer, dataset, batch_size: int, shuffle: bool = False, see
             yield encode_pairs(tokenizer, [""] * len(idx), [texts[i] for i in idx], max_length=max_length,
                                add_eos=False)
     return batches()
+
+
+def text_chunks(tokenizer, texts, max_length: int = 512) -> list[list[int]]:
+    """Token windows covering whole texts for plain-LM fine-tuning (lab.prepare on MUSE-News): one BOS
+    (where the tokenizer adds one) + up to max_length - 1 text tokens, windows starting every half window,
+    so every token is trained with at least half a window of its own text before it (a continuation
+    prompt rarely starts where a window does). A text that fits is one window."""
+    if max_length < 2:
+        raise ValueError(f"text_chunks: max_length={max_length}; valid: >= 2")
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    width = max_length - len(bos)
+    stride = max(1, width // 2)
+    out = []
+    for ids in _tokenize(tokenizer, list(texts)):
+        starts = range(0, max(1, len(ids) - width + stride), stride) if len(ids) > width else [0]
+        out.extend(bos + ids[s:s + width] for s in starts if ids[s:s + width])
+    return out
+
+
+def chunk_batches(tokenizer, chunks: list[list[int]], batch_size: int, shuffle: bool = False, seed: int = 0):
+    """Right-padded batches of token windows (text_chunks): every token but the first is a target.
+    shuffle: rows drawn in a seeded random order, batched by length (stable, so equal lengths stay
+    shuffled) and the batches shuffled, so short QA rows are not padded to the long articles' windows."""
+    if batch_size < 1:
+        raise ValueError(f"chunk_batches: batch_size={batch_size}; valid: >= 1")
+    order = _order(len(chunks), shuffle, seed)
+    if shuffle:
+        order.sort(key=lambda i: len(chunks[i]))
+    starts = list(range(0, len(order), batch_size))
+    starts = [starts[i] for i in _order(len(starts), shuffle, seed + 1)]
+    pad = _pad_id(tokenizer)
+    for start in starts:
+        seqs = [chunks[i] for i in order[start:start + batch_size]]
+        labels = [[-100] + s[1:] for s in seqs]
+        yield {"input_ids": _stack(seqs, pad), "attention_mask": _stack([[1] * len(s) for s in seqs], 0),
+               "labels": _stack(labels, -100)}

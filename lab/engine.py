@@ -676,8 +676,7 @@ def load_starting_point(cfg: UnlearnConfig):
     """(model, tokenizer, benchmark, reference eval, initial eval, extra config) for a config.
 
     TOFU: the prepared target model (fine-tuned on forget + retain) and the retain model's evaluation
-    as the forget-quality reference. MUSE-News: `cfg.model` itself is the target (e.g. the MUSE
-    target checkpoint on a GPU machine); no retrained reference exists offline (no FQ/PrivLeak)."""
+    as the forget-quality reference. MUSE-News: see _muse_starting_point."""
     from lab.data import get_benchmark
     from lab.models import load_model
     if cfg.benchmark.startswith("tofu"):
@@ -688,9 +687,51 @@ def load_starting_point(cfg: UnlearnConfig):
         model, tok = prepared.load("target", device=cfg.device)
         return (model, tok, prepared.benchmark, prepared.retain_eval, prepared.target_eval,
                 {"prepared": str(prepared.path), "prepare_note": prepared.config.get("note", "")})
+    if cfg.benchmark == "muse_news":
+        return _muse_starting_point(cfg)
     bench = get_benchmark(cfg.benchmark, **cfg.benchmark_kwargs)
     model, tok = load_model(cfg.model, device=cfg.device, seed=cfg.seed)
     return model, tok, bench, None, None, {"retain_standin": bench.config.get("retain_standin")}
+
+
+MUSE_STARTING_POINTS = ("auto", "prepared", "model")
+MUSE_CPU_MAX_DOCS = 32   # auto on a CPU preset without max_docs: the forget articles its target is trained on
+
+
+def _muse_starting_point(cfg: UnlearnConfig):
+    """MUSE-News, chosen by cfg.prepare["starting_point"] (recorded in config.yaml as muse_starting_point):
+    - "prepared": lab.prepare's target (the model fine-tuned on the benchmark's max_docs forget articles +
+      the retain stand-in) and its retrain reference's evaluation (PrivLeak against it);
+    - "model": `cfg.model` itself is the target (the MUSE target checkpoint on a GPU), no reference;
+    - "auto" (default): "prepared" on a CPU preset (tiny, smollm2-135m: they never saw the news; max_docs
+      defaults to MUSE_CPU_MAX_DOCS) or where a prepared entry exists for (model, options), else "model".
+    The reference is evaluated on the run's eval_limit rows (the rows the run scores); the target's own
+    evaluation stays in the prepare run (lab.eval.restrict_eval is TOFU's), so no 'initial' record."""
+    from lab.data import get_benchmark
+    from lab.models import ALIASES, PRESETS, load_model
+    from lab import prepare as lab_prepare
+    options = dict(cfg.prepare)
+    mode = options.pop("starting_point", "auto")
+    if mode not in MUSE_STARTING_POINTS:
+        raise ValueError(f"prepare.starting_point={mode!r}; valid: {', '.join(MUSE_STARTING_POINTS)}")
+    kwargs = dict(cfg.benchmark_kwargs)
+    preset = cfg.model in PRESETS or cfg.model in ALIASES
+    if mode == "auto" and preset and kwargs.get("max_docs") is None:
+        kwargs["max_docs"] = MUSE_CPU_MAX_DOCS
+    hparams = {"score_eos": cfg.score_eos, "eval_limit": cfg.eval_limit, **options}
+    call = dict(model=cfg.model, benchmark=cfg.benchmark, benchmark_kwargs=kwargs, seed=cfg.seed, **hparams)
+    if mode == "auto":
+        mode = "prepared" if preset or (kwargs.get("max_docs") and lab_prepare.prepared_exists(**call)) else "model"
+    if mode == "model":
+        bench = get_benchmark(cfg.benchmark, **cfg.benchmark_kwargs)
+        model, tok = load_model(cfg.model, device=cfg.device, seed=cfg.seed)
+        return model, tok, bench, None, None, {"retain_standin": bench.config.get("retain_standin"),
+                                               "muse_starting_point": "model"}
+    prepared = lab_prepare.prepare(runs_root=cfg.runs_root, verbose=False, device=cfg.device, **call)
+    model, tok = prepared.load("target", device=cfg.device)
+    return (model, tok, prepared.benchmark, prepared.retain_eval, None,
+            {"retain_standin": prepared.benchmark.config.get("retain_standin"), "muse_starting_point": "prepared",
+             "prepared": str(prepared.path), "prepare_note": prepared.config.get("note", "")})
 
 
 def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **overrides) -> UnlearnResult:

@@ -39,7 +39,7 @@ from lab.progress import tqdm   # one line per bar when stderr is not a terminal
 
 import lab
 from lab import distributed, runs
-from lab.data import benchmark_from_config, get_benchmark, qa_batches
+from lab.data import benchmark_from_config, chunk_batches, get_benchmark, qa_batches, text_chunks
 from lab import eval as lab_eval
 from lab.eval import evaluate
 from lab.models import load_model, model_info
@@ -78,7 +78,7 @@ def finetune(model, tokenizer, dataset, *, epochs, lr, batch_size, weight_decay=
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     local = distributed.local_list(params)   # the shards under fsdp, the parameters otherwise
-    steps_per_epoch = math.ceil(len(dataset) / batch_size)
+    steps_per_epoch, epoch_batches = _sft_batches(tokenizer, dataset, batch_size, seed, max_length)
     total = epochs * steps_per_epoch
     warm = max(1, int(warmup * total))
     opt = torch.optim.AdamW(local, lr=lr, weight_decay=weight_decay)
@@ -91,8 +91,7 @@ def finetune(model, tokenizer, dataset, *, epochs, lr, batch_size, weight_decay=
     bar = tqdm(total=total, desc=desc, leave=False, position=position,
                disable=par is not None and not par.is_writer)
     for epoch in range(epochs):
-        for batch in qa_batches(tokenizer, dataset, batch_size, shuffle=True, seed=seed + epoch,
-                                max_length=max_length):
+        for batch in epoch_batches(epoch):
             loss = _sft_step(model, params, local, batch, ctx, device, par, f"at step {step} (epoch {epoch})", desc)
             opt.step()
             sched.step()
@@ -107,6 +106,20 @@ def finetune(model, tokenizer, dataset, *, epochs, lr, batch_size, weight_decay=
     bar.close()
     model.eval()
     return losses
+
+
+def _sft_batches(tokenizer, dataset, batch_size, seed, max_length):
+    """(steps per epoch, epoch -> batches): QA rows (question/answer: answer tokens only) or texts
+    (`text`, MUSE-News: plain LM loss on every token, in lab.data.text_chunks windows of max_length,
+    tokenized once)."""
+    if "text" not in dataset.column_names:
+        return math.ceil(len(dataset) / batch_size), lambda epoch: qa_batches(
+            tokenizer, dataset, batch_size, shuffle=True, seed=seed + epoch, max_length=max_length)
+    chunks = text_chunks(tokenizer, dataset["text"], max_length)
+    if not chunks:
+        raise ValueError("finetune: the texts hold no tokens")
+    return math.ceil(len(chunks) / batch_size), lambda epoch: chunk_batches(
+        tokenizer, chunks, batch_size, shuffle=True, seed=seed + epoch)
 
 
 def _rank_rows(batch: dict, par) -> tuple[dict, float]:
@@ -219,14 +232,21 @@ def prepare_config(model="tiny", benchmark="tofu_subset", benchmark_kwargs=None,
         raise ValueError(f"prepare: unknown options {sorted(unknown)}; valid: {sorted(set(defaults) | extra)}")
     bench = get_benchmark(benchmark, **(benchmark_kwargs or {}))
     if bench.train_full is None or bench.train_retain is None:
-        raise ValueError(f"benchmark {benchmark!r} has no fine-tuning data (train_full/train_retain); "
-                         "prepare works on TOFU benchmarks ('tofu_subset', 'tofu_forget01|05|10')")
+        hint = (" without max_docs (the whole corpus; the target is a given model): pass --bench-opt max_docs=N"
+                if bench.name == "muse_news" else "")
+        raise ValueError(f"benchmark {benchmark!r} has no fine-tuning data (train_full/train_retain){hint}; "
+                         "prepare works on TOFU benchmarks ('tofu_subset', 'tofu_forget01|05|10') and on "
+                         "muse_news with max_docs")
     cfg = {"kind": "prepare", "model": model, "benchmark": bench.config, "seed": seed,
            "max_length": 512, "autocast": None, "eval_batch_size": 16, "eval_limit": None, "score_eos": True,
            **defaults, **hparams}
     cfg["note"] = ("from-scratch model: target and retain models are also trained on the real-authors and "
                    "world-facts QA so that model utility means something"
                    if bench.config.get("extras") else "")
+    if bench.name == "muse_news":   # lab.data.muse_news_benchmark: what the two models were trained on
+        cfg["note"] = (f"MUSE-News target = {model} fine-tuned (plain LM loss, max_length-token windows) on "
+                       f"{len(bench.forget)} forget articles + the retain stand-in {bench.config['retain_standin']}; "
+                       "retrain reference = fine-tuned on the stand-in only")
     return cfg
 
 
@@ -344,6 +364,13 @@ def prepare(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, see
         print(f"{fresh}: {path}" + (f"\nrun: {prepared.run_dir}" if prepared.run_dir else ""))
         print(memorisation_table(prepared))
     return prepared
+
+
+def prepared_exists(model="tiny", benchmark="tofu_subset", *, benchmark_kwargs=None, seed=0, **hparams) -> bool:
+    """Whether prepare() with these arguments would find its fine-tuned models cached (its evaluation
+    may still be computed); trains nothing."""
+    cfg = prepare_config(model, benchmark, benchmark_kwargs, seed, **hparams)
+    return (cache_root() / "prepared" / cache_keys(cfg)[0] / "prepared.json").exists()
 
 
 CHECKPOINTS = ("retain", "target")   # retain first: the target's evaluation needs it as the reference
@@ -646,6 +673,10 @@ def _prepare_fresh(cfg, path, runs_root, verbose, device="cpu", parallel=False, 
 def evaluate_reference_self(res: dict) -> dict:
     """Forget quality and PrivLeak of the reference model against itself (exactly 1 and 0; PrivLeak NaN
     when undefined, see lab.eval.privleak_or_nan), by the same code as any comparison with a reference."""
+    if str(res.get("benchmark", "")).startswith("muse"):   # no forget quality on MUSE; PrivLeak(AUC, AUC)
+        score = (res.get("options") or {}).get("privleak_score", "min_k")
+        auc = res["metrics"].get(f"mia_{score}_auc", 0.5 if score == "reference" else math.nan)
+        return {**res, "metrics": {**res["metrics"], "privleak": lab_eval.privleak_or_nan(auc, auc)}}
     m = lab_eval.restrict_eval(res, None, reference=res)["metrics"]
     return {**res, "metrics": {**res["metrics"], "forget_quality": m["forget_quality"], "privleak": m["privleak"]}}
 
@@ -664,11 +695,14 @@ def _load_prepared(path: Path, eval_key: str, cfg: dict | None = None) -> Prepar
 
 MEMORISATION_KEYS = ["forget_rouge", "forget_prob", "forget_truth_ratio", "forget_quality", "retain_rouge",
                      "retain_prob", "model_utility", "mia_min_k_auc", "privleak"]
+MUSE_MEMORISATION_KEYS = ["verbmem_rouge_f1", "verbmem_exact_memorization", "knowmem_forget_rouge_f1",
+                          "knowmem_retain_rouge_f1", "mia_min_k_auc", "privleak"]
 
 
 def memorisation_table(prepared: Prepared) -> str:
     """Target vs retain model side by side: the target must know the forget set, the retain model not."""
-    df = pd.DataFrame({w: {k: getattr(prepared, f"{w}_eval")["metrics"].get(k) for k in MEMORISATION_KEYS}
+    keys = MUSE_MEMORISATION_KEYS if prepared.config["benchmark"]["name"].startswith("muse") else MEMORISATION_KEYS
+    df = pd.DataFrame({w: {k: getattr(prepared, f"{w}_eval")["metrics"].get(k) for k in keys}
                        for w in ("target", "retain")})
     return df.to_string(float_format=lambda x: f"{x:.4g}")
 

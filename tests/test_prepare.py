@@ -228,3 +228,105 @@ def test_entry_lock_excludes_a_second_holder_even_when_files_are_removed(tmp_pat
     for t in threads:
         t.join()
     assert overlaps == [] and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- MUSE-News (issue 19): a prepared news target
+# 3 forget articles: the sources of verbmem, knowmem and privleak item 0 (eval_limit 2 scores items 0 and 1).
+# max_length 512 (the default) = the evaluation's prompt context (lab.eval.evaluate_muse): windows of 128
+# tokens gave VerbMem 0.16 at a 512-token prompt but 0.34 at a 128-token one. A from-scratch model needs many
+# small steps to memorise text: batch 16 (320 steps) left the target at loss 0.36, batch 4 (1120) at 0.11.
+# Cold: about 4 min on 2 shared cores (slow); later runs hit the cache.
+MUSE_DOCS = {"max_docs": 3, "other_docs": 0}
+MUSE_PREP = dict(epochs=40, eval_limit=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def prepared_muse(tmp_path_factory):
+    return prep.prepare(model="tiny", benchmark="muse_news", benchmark_kwargs=MUSE_DOCS, verbose=False,
+                        runs_root=tmp_path_factory.mktemp("muse_prepare_runs"), **MUSE_PREP)
+
+
+def test_muse_forget_selection_takes_the_eval_items_articles_first(shared_data):
+    from lab import data
+    sources, holdout = data.muse_sources(shared_data)
+    rows, summary = data.muse_forget_selection(6, 0, shared_data)
+    assert rows[:2] == [sources["verbmem"][0], sources["knowmem"][0]] and len(set(rows)) == 6
+    assert summary == {"source_docs": 6, "other_docs": 0, "items_with_source": {
+        "verbmem": sum(i in rows for i in sources["verbmem"]), "knowmem": sum(i in rows for i in sources["knowmem"]),
+        "privleak": sum(i in rows for i in sources["privleak"])}}
+    raw = data.load_muse_news("raw/forget", shared_data)["text"]
+    assert " ".join(data.load_muse_news("verbmem/forget", shared_data)[0]["gt"].split())[:200] in " ".join(
+        raw[rows[0]].split())
+    mixed, s = data.muse_forget_selection(8, root=shared_data)   # other_docs default: max_docs // 4 sampled
+    assert s["other_docs"] == 2 and mixed[:6] == rows and not set(mixed[6:]) & set(sum(sources.values(), []))
+    assert not set(data.muse_forget_selection(200, 100, shared_data)[0]) & set(holdout)
+    b = data.get_benchmark("muse_news", root=shared_data, **MUSE_DOCS)
+    assert list(b.forget["row"]) == rows[:3] and len(b.train_full) == 3 + len(b.train_retain) == 103
+    assert b.train_retain[0]["text"].startswith("Question: ") and "\nAnswer: " in b.train_retain[0]["text"]
+    assert data.benchmark_from_config(json.loads(json.dumps(b.config))).config == b.config
+    with pytest.raises(ValueError, match="other_docs=7 > max_docs=6"):
+        data.muse_forget_selection(6, 7, shared_data)
+    with pytest.raises(ValueError, match="max_docs=0; valid: an int >= 1"):
+        data.get_benchmark("muse_news", max_docs=0)
+    with pytest.raises(ValueError, match="no fine-tuning data.*max_docs=N"):
+        prep.prepare_config(model="tiny", benchmark="muse_news")
+
+
+def test_text_chunks_cover_every_token_with_half_a_window_of_context():
+    from lab.data import chunk_batches, text_chunks
+    from lab.models import load_model
+    _, tok = load_model("tiny")
+    ids = tok("word " * 300, add_special_tokens=False)["input_ids"]
+    chunks = text_chunks(tok, ["word " * 300, "short"], max_length=64)
+    bos = chunks[0][:1] if chunks[0][0] == tok.bos_token_id else []
+    body = [c[len(bos):] for c in chunks[:-1]]
+    assert all(len(c) <= 64 for c in chunks) and body[0] == ids[:64 - len(bos)] and body[-1][-1] == ids[-1]
+    assert len(chunks[-1]) == len(bos) + len(tok("short", add_special_tokens=False)["input_ids"])
+    batch = next(chunk_batches(tok, chunks, 2))
+    assert batch["labels"][0, 0] == -100 and (batch["labels"][0, 1:] == batch["input_ids"][0, 1:]).all()
+
+
+@pytest.mark.slow
+def test_muse_target_memorises_its_news_and_the_reference_does_not(prepared_muse):
+    target, ref = prepared_muse.target_eval["metrics"], prepared_muse.retain_eval["metrics"]
+    print("MUSE prepared (tiny, 3 articles): target", {k: round(target[k], 3) for k in prep.MUSE_MEMORISATION_KEYS},
+          "reference", {k: round(ref[k], 3) for k in prep.MUSE_MEMORISATION_KEYS})
+    assert target["verbmem_rouge_f1"] > ref["verbmem_rouge_f1"] + 0.15, (target, ref)
+    assert "privleak" in target and ref["privleak"] == 0.0       # PrivLeak against the real retrain reference
+    assert prepared_muse.config["benchmark"]["max_docs"] == 3 and "3 forget articles" in prepared_muse.config["note"]
+    table = prep.memorisation_table(prepared_muse)
+    assert "verbmem_rouge_f1" in table and "forget_truth_ratio" not in table
+    rec = runs.load_run(prepared_muse.run_dir)
+    assert rec.status == "done" and set(rec.evals["checkpoint"]) == {"target", "retain"}
+
+
+@pytest.mark.slow
+def test_muse_prepare_second_call_is_a_cache_hit(prepared_muse, tmp_path, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("a cache hit must not fine-tune or evaluate")
+
+    monkeypatch.setattr(prep, "finetune", never)
+    monkeypatch.setattr(prep, "evaluate", never)
+    assert prep.prepared_exists(model="tiny", benchmark="muse_news", benchmark_kwargs=MUSE_DOCS, **MUSE_PREP)
+    again = prep.prepare(model="tiny", benchmark="muse_news", benchmark_kwargs=MUSE_DOCS, verbose=False,
+                         runs_root=tmp_path, **MUSE_PREP)
+    assert again.path == prepared_muse.path and runs.find_runs(tmp_path) == []
+    assert again.target_eval["metrics"] == prepared_muse.target_eval["metrics"]
+    assert not prep.prepared_exists(model="tiny", benchmark="muse_news", benchmark_kwargs={"max_docs": 5},
+                                    **MUSE_PREP)
+
+
+@pytest.mark.slow
+def test_unlearn_on_muse_news_starts_from_the_prepared_target_with_a_reference(prepared_muse, tmp_path):
+    from lab.engine import unlearn
+    base = dict(method="ga", model="tiny", benchmark="muse_news", benchmark_kwargs=MUSE_DOCS, max_steps=1,
+                batch_size=2, max_length=256, eval_limit=2, runs_root=str(tmp_path), progress=False,
+                prepare={k: v for k, v in MUSE_PREP.items() if k != "eval_limit"})
+    res = unlearn(**base)
+    assert res.config["muse_starting_point"] == "prepared" and res.config["prepared"] == str(prepared_muse.path)
+    assert res.config["benchmark_config"]["max_docs"] == 3
+    assert "privleak" in res.metrics and res.metrics["verbmem_rouge_f1"] >= 0
+    plain = unlearn(**{**base, "prepare": {"starting_point": "model"}})   # today's path, explicit
+    assert plain.config["muse_starting_point"] == "model" and "privleak" not in plain.metrics
+    with pytest.raises(ValueError, match="starting_point='hub'; valid: auto, prepared, model"):
+        unlearn(**{**base, "prepare": {"starting_point": "hub"}})
