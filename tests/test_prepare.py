@@ -330,3 +330,24 @@ def test_unlearn_on_muse_news_starts_from_the_prepared_target_with_a_reference(p
     assert plain.config["muse_starting_point"] == "model" and "privleak" not in plain.metrics
     with pytest.raises(ValueError, match="starting_point='hub'; valid: auto, prepared, model"):
         unlearn(**{**base, "prepare": {"starting_point": "hub"}})
+
+
+def test_muse_starting_point_auto_prepares_cpu_presets_and_keeps_other_models(monkeypatch):
+    from lab import engine, models
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_prepare(**kw):
+        calls.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(prep, "prepare", fake_prepare)
+    with pytest.raises(Stop):   # a CPU preset without max_docs: prepared, on MUSE_CPU_MAX_DOCS articles
+        engine.load_starting_point(engine.UnlearnConfig(method="ga", benchmark="muse_news", eval_limit=3))
+    assert calls[-1]["benchmark_kwargs"] == {"max_docs": engine.MUSE_CPU_MAX_DOCS} and calls[-1]["eval_limit"] == 3
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: (name, None))
+    hub = engine.load_starting_point(engine.UnlearnConfig(method="ga", model="org/muse-target", benchmark="muse_news"))
+    assert hub[0] == "org/muse-target" and hub[3] is None and hub[5]["muse_starting_point"] == "model"
+    assert len(hub[2].forget) == 889 and len(calls) == 1   # the whole corpus, nothing prepared
