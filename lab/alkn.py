@@ -99,12 +99,21 @@ def _numel(tensors) -> int:
     return sum(t.numel() for t in tensors)
 
 
-def score_threshold(scores, rho: float, method: str = "auto") -> float:
+def _device(tensors):
+    return tensors[0].device if len(tensors) else torch.device("cpu")
+
+
+def score_threshold(scores, rho: float, method: str = "auto", group=None) -> float:
     """eta such that a fraction ~rho of all entries have score >= eta (-inf: all of them).
 
     exact: the round(rho*n)-th largest value (kthvalue on the concatenation); estimate: O(n) histogram
-    refinement (three passes of 1024 bins), for models too large to concatenate."""
+    refinement (three passes of 1024 bins), for models too large to concatenate.
+    group: `scores` are this rank's shards (fsdp) and the quantile is over the entries of every rank, the
+    same eta on each: n is all-reduced; exact all-gathers the scores (auto: up to EXACT_QUANTILE_MAX
+    entries in all; 3 collectives), estimate all-reduces min / max and each pass's bin counts (5)."""
     n = _numel(scores)
+    if group is not None:
+        n = int(distributed.group_sums([n], group, _device(scores))[0])
     n_keep = int(round(rho * n))
     if n_keep >= n:
         return -math.inf
@@ -113,23 +122,32 @@ def score_threshold(scores, rho: float, method: str = "auto") -> float:
         method = "exact" if n <= EXACT_QUANTILE_MAX else "estimate"
     if method == "exact":
         flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
+        flat = distributed.gather_flat(flat, group)   # kthvalue does not depend on the order of entries
         return float(flat.kthvalue(n - n_keep + 1).values)
     if method == "estimate":
-        return _estimate_threshold(scores, n_keep)
+        return _estimate_threshold(scores, n_keep, group=group)
     raise ValueError(f"quantile={method!r}; valid: 'auto', 'exact', 'estimate'")
 
 
-def _estimate_threshold(scores, n_keep: int, bins: int = 1024, passes: int = 3) -> float:
-    lo = min(float(s.min()) for s in scores)
-    hi = max(float(s.max()) for s in scores)
+def _estimate_threshold(scores, n_keep: int, bins: int = 1024, passes: int = 3, group=None) -> float:
+    # a shard may hold no entries (FSDP2 gives a small tensor's rows to the first ranks)
+    entries = [s for s in scores if s.numel()]
+    lo = min((float(s.min()) for s in entries), default=math.inf)
+    hi = max((float(s.max()) for s in entries), default=-math.inf)
+    device = _device(scores)
+    lo, hi = distributed.group_extrema(lo, hi, group, device)
     above = 0.0                                   # entries known to lie above the current window
     for _ in range(passes):
         if not hi > lo:
             return lo
-        counts = sum(torch.histc(s.detach().float().reshape(-1), bins, lo, hi).double() for s in scores)
+        # integer-valued float64 counts: summed exactly in any order, so every rank and world size agree
+        counts = sum((torch.histc(s.detach().float().reshape(-1), bins, lo, hi).double() for s in entries),
+                     torch.zeros(bins, dtype=torch.float64, device=device))
+        counts = distributed.all_reduce_sum_(counts, group)
         rev = counts.flip(0)
         cum = above + rev.cumsum(0)
-        idx = int(torch.searchsorted(cum, torch.tensor([float(n_keep)], dtype=cum.dtype)).clamp(max=bins - 1))
+        target = torch.tensor([float(n_keep)], dtype=cum.dtype, device=cum.device)
+        idx = int(torch.searchsorted(cum, target).clamp(max=bins - 1))
         b = bins - 1 - idx
         width = (hi - lo) / bins
         above_bin = float(cum[idx] - rev[idx])
@@ -147,12 +165,13 @@ def _estimate_threshold(scores, n_keep: int, bins: int = 1024, passes: int = 3) 
 class RetainGradient:
     """G_r = mean retain NLL gradient at theta^{t-1}, kept whole or as the App. E.4 sketch: the signs of
     the gr_lean_top largest |G_r| entries (int8), with G_u*G_r estimated by ALKN eq. 56:
-    G_u*(sketch==0) + a*G_u*(sketch==1) - a*G_u*(sketch==-1)."""
+    G_u*(sketch==0) + a*G_u*(sketch==1) - a*G_u*(sketch==-1). group: `grads` are shards (fsdp), the
+    top fraction is over every rank's entries; the product with G_u is elementwise, so it stays local."""
 
-    def __init__(self, grads, lean=False, top=0.1, a=10.0, quantile="auto"):
+    def __init__(self, grads, lean=False, top=0.1, a=10.0, quantile="auto", group=None):
         self.lean, self.a = lean, a
         if lean:
-            eta = score_threshold([g.abs() for g in grads], top, quantile)
+            eta = score_threshold([g.abs() for g in grads], top, quantile, group)
             self.signs = [(torch.sign(g) * (g.abs() >= eta)).to(torch.int8) for g in grads]
             self.full = None
         else:
@@ -172,7 +191,7 @@ class RetainGradient:
 def retain_gradient(model, tokenizer, retain, cfg: UnlearnConfig, opts: dict | None = None,
                     parallel=None) -> RetainGradient:
     """G_r at the current weights over the retain set (or opts['retain_grad_rows'] seeded random rows);
-    parallel: rows split across ranks, the gradient all-reduced (lab.taskvec.nll_gradient)."""
+    parallel: rows split across ranks, the gradient all-reduced (lab.taskvec.nll_gradient; fsdp: shards)."""
     opts = opts or ALKN_DEFAULTS
     rows = None
     if opts.get("retain_grad_rows"):
@@ -180,7 +199,14 @@ def retain_gradient(model, tokenizer, retain, cfg: UnlearnConfig, opts: dict | N
         rows = torch.randperm(len(retain), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
     grads = nll_gradient(model, tokenizer, retain, cfg, rows, parallel=parallel)
     return RetainGradient(grads, lean=opts.get("gr_lean", False), top=opts.get("gr_lean_top", 0.1),
-                          a=opts.get("gr_lean_a", 10.0), quantile=opts.get("quantile", "auto"))
+                          a=opts.get("gr_lean_a", 10.0), quantile=opts.get("quantile", "auto"),
+                          group=shard_group(parallel))
+
+
+def shard_group(parallel):
+    """The group ALKN's reductions sum over: fsdp's (lists are shards); None in one process and under ddp
+    (every rank holds the same whole, all-reduced tensors, so local values are already the totals)."""
+    return parallel.group if parallel is not None and parallel.sharded else None
 
 
 # ---------------------------------------------------------------- DGS + APM as engine hooks
@@ -192,17 +218,21 @@ class ALKNHooks:
     G_u (Alg. 1 updates m after the parameter step): m += sign * lam * G_u*G_r - mu * M, sign = +1
     (agree) or -1 (oppose); returns the masked gradient (eq. 7).
     on_update: mask_target=update restores masked coordinates (AdamW momentum and weight decay would
-    move them); APM scales the remaining update by apm_low on M (element) or per tensor."""
+    move them); APM scales the remaining update by apm_low on M (element) or per tensor.
+    group (fsdp): params, gradients, m, masks and M are this rank's shards (local tensors); the quantile,
+    mu, the active fraction and the per-tensor densities sum over the group, so every rank takes the same
+    decisions. Collectives per step: the threshold's (score_threshold) + 1 (mu and the active count)."""
 
     def __init__(self, params, opts: dict, total_steps: int, retain_grad: RetainGradient | None,
-                 prev_mask=None):
+                 prev_mask=None, group=None):
         self.opts, self.total = opts, max(int(total_steps), 1)
+        self.group, self.device = group, _device(params)   # collectives run on the parameters' device
         self.dgs = bool(opts["dgs"])
         if self.dgs and retain_grad is None:
             raise ValueError("DGS needs the retain gradient G_r (retain_gradient(...))")
         self.retain_grad = retain_grad
         self.prev = None
-        if prev_mask is not None and any(bool(m.any()) for m in prev_mask):
+        if prev_mask is not None and self._sums([sum(int(m.sum()) for m in prev_mask)])[0] > 0:
             self.prev = [m.to(p.device) for m, p in zip(prev_mask, params)]
         self.m = [torch.zeros_like(p, dtype=torch.float32) for p in params] if self.dgs else None
         self.mask = None
@@ -211,9 +241,18 @@ class ALKNHooks:
         self.apm = opts["apm"] if self.prev is not None else "off"
         self.tensor_scale = self._per_tensor_scale() if self.apm == "per_tensor" else None
 
+    def _sums(self, values) -> list:
+        """Per-rank numbers summed over the group (one collective); one process: the values."""
+        return distributed.group_sums(values, self.group, self.device)
+
     def _per_tensor_scale(self) -> list[float]:
         # released code: tensors ranked by previous-mask density, the denser half at apm_low x lr
-        density = [float(m.float().mean()) for m in self.prev]
+        if self.group is None:
+            density = [float(m.float().mean()) for m in self.prev]
+        else:   # shards: each tensor's density from its counts over all ranks
+            sums = self._sums([int(m.sum()) for m in self.prev] + [m.numel() for m in self.prev])
+            k = len(self.prev)
+            density = [c / n if n else 0.0 for c, n in zip(sums[:k], sums[k:])]
         order = sorted(range(len(density)), key=lambda i: -density[i])
         slow = {i for i in order[:math.ceil(len(order) / 2)] if density[i] > 0}
         return [self.opts["apm_low"] if i in slow else 1.0 for i in range(len(density))]
@@ -223,7 +262,7 @@ class ALKNHooks:
         return start if self.total == 1 else start + (end - start) * min(k, self.total - 1) / (self.total - 1)
 
     def _mask(self, rho):
-        eta = score_threshold(self.m, rho, self.opts["quantile"])
+        eta = score_threshold(self.m, rho, self.opts["quantile"], self.group)
         return [m >= eta for m in self.m], eta
 
     @torch.no_grad()
@@ -231,12 +270,16 @@ class ALKNHooks:
         rho = self.rho(self.k)
         self.mask, eta = self._mask(rho)
         prod = self.retain_grad.product(g_f)
+        # the mask's active count, and for mu the moments of G_u*G_r: totals over all entries (one collective)
+        stats = [sum(int(x.sum()) for x in self.mask), _numel(prod)]
+        if self.opts["dgs_mu"] is None:
+            stats += [sum(float(p.double().sum()) for p in prod), sum(float(p.double().pow(2).sum()) for p in prod)]
+        stats = self._sums(stats)
+        active, n = stats[0] / stats[1], stats[1]
         if self.opts["dgs_mu"] is not None:
             mu = float(self.opts["dgs_mu"])
         else:  # mu = mask_p_k * std of G_u*G_r over all entries (released code)
-            n = _numel(prod)
-            s1 = sum(float(p.double().sum()) for p in prod)
-            s2 = sum(float(p.double().pow(2).sum()) for p in prod)
+            s1, s2 = stats[2], stats[3]
             mu = self.opts["mask_p_k"] * math.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
         sign = 1.0 if self.opts["mask_alignment"] == "agree" else -1.0
         for i, (m, p) in enumerate(zip(self.m, prod)):
@@ -244,7 +287,6 @@ class ALKNHooks:
             if self.prev is not None and mu:
                 m.sub_(self.prev[i].to(m.dtype), alpha=mu)
         self.k += 1
-        active = sum(int(x.sum()) for x in self.mask) / _numel(self.mask)
         self.extras = {"active_fraction": active, "dgs_rho": rho, "dgs_eta": eta, "dgs_mu": mu}
         return [x * mk for x, mk in zip(d, self.mask)]             # ALKN eq. 7
 
@@ -264,10 +306,11 @@ class ALKNHooks:
         if not self.dgs and not update:
             return None
         return StepHooks(on_direction=self.on_direction if self.dgs else None,
-                         on_update=self.on_update if update else None)
+                         on_update=self.on_update if update else None, shards=self.group is not None)
 
     def final_mask(self):
-        """The task's mask 1[m >= eta] at rho_end on the final score (Alg. 1: M = M | mask^t)."""
+        """The task's mask 1[m >= eta] at rho_end on the final score (Alg. 1: M = M | mask^t); under fsdp
+        this rank's shards (lab.distributed.full_masks gathers them)."""
         if not self.dgs:
             return None
         return [x.cpu() for x in self._mask(self.opts["rho_end"])[0]]
@@ -296,7 +339,8 @@ def alkn_task(model, tokenizer, forget, retain, cfg: UnlearnConfig, opts: dict, 
               state: LoopState | None = None, progress=False, parallel=None) -> dict:
     """One ALKN task in place: fine-tune (ESL / CE, DGS, APM), then negate with lam (Alg. 1).
     parallel: the engine loop's (ddp: DGS / APM see the same all-reduced gradients on every rank, so
-    scores and masks stay identical; fsdp only without hooks, which the loop refuses otherwise).
+    scores and masks stay identical; fsdp: every list is this rank's shards, prev_mask too, and the
+    hooks reduce over the group: the returned mask is local).
 
     Returns {"mask": the task's mask or None, "state": the loop state, "hooks": ALKNHooks}."""
     distributed.wrap(model, parallel, autocast=cfg.autocast)   # fsdp: shard first, theta_prev is then shards
@@ -304,7 +348,8 @@ def alkn_task(model, tokenizer, forget, retain, cfg: UnlearnConfig, opts: dict, 
     theta_prev = snapshot(params) if theta_prev is None else theta_prev
     if opts["dgs"] and retain_grad is None:
         retain_grad = retain_gradient(model, tokenizer, retain, cfg, opts, parallel=parallel)
-    hooks = ALKNHooks(params, opts, task_steps(cfg, len(forget)), retain_grad, prev_mask)
+    hooks = ALKNHooks(distributed.local_list(params), opts, task_steps(cfg, len(forget)), retain_grad, prev_mask,
+                      group=shard_group(parallel))
     if opts["esl"]:
         method, margs = "finetune_esl", {k: opts[k] for k in ("esl_s", "esl_form", "esl_k")}
     else:

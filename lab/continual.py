@@ -440,12 +440,28 @@ def _run_context(config: dict, root, resume_path: Path | None, task_done: int, w
     return ctx()
 
 
-def _write_masks(run, t, task_masks, names) -> None:
-    """Task t's mask file, the overlap table and the per-tensor counts of every mask so far."""
+def _mask_outputs(t, task_masks, names, params, par) -> tuple:
+    """(task t's whole mask, the overlap table, the per-tensor counts of every mask so far). Under fsdp the
+    masks are this rank's shards: the counts are summed over the group and task t's mask is gathered onto
+    rank 0 (collectives: every rank calls it; None for the mask on the other ranks)."""
+    reduce = _count_sums(par)
+    shapes = [tuple(p.shape) for p in params]   # a DTensor's shape is the whole parameter's
+    overlap = masks.overlap_table(task_masks, names, reduce=reduce)
+    counts = pd.concat([masks.mask_counts(task_masks[k], names, task=k, reduce=reduce, shapes=shapes)
+                        for k in sorted(task_masks)])
+    return distributed.full_masks(task_masks[t], params, par), overlap, counts
+
+
+def _count_sums(par):
+    """lab.masks' `reduce` under fsdp (per-rank counts summed over the group); None: the masks are whole."""
+    return (lambda values: distributed.shard_sums(values, par)) if par is not None and par.sharded else None
+
+
+def _write_masks(run, t, mask, overlap, counts, names) -> None:
+    """Task t's mask file (the whole mask), the overlap table and the per-tensor counts (_mask_outputs)."""
     (run.path / "masks").mkdir(exist_ok=True)
-    masks.save_mask(run.path / "masks" / f"task_{t}.npz", task_masks[t], names)
-    run.log_masks(masks.overlap_table(task_masks, names))
-    counts = pd.concat([masks.mask_counts(task_masks[k], names, task=k) for k in sorted(task_masks)])
+    masks.save_mask(run.path / "masks" / f"task_{t}.npz", mask, names)
+    run.log_masks(overlap)
     runs.atomic_write_parquet(run.path / runs.MASK_COUNTS, counts)
 
 
@@ -526,11 +542,7 @@ def check_parallel(cfg: ContinualConfig) -> None:
         return
     if cfg.probes:
         raise ValueError("probes run in one process: leave them out under --parallel ddp|fsdp")
-    if cfg.parallel == "fsdp" and cfg.kind == "alkn" and cfg.opts["dgs"]:
-        # DGS keeps the top-rho fraction of a score over ALL entries: a quantile across shards
-        raise ValueError(f"--parallel fsdp: {cfg.method}'s dynamic gradient sparsity (dgs) needs a quantile "
-                         "over all shards, not distributed yet; valid: --parallel ddp, or an ALKN variant "
-                         "without DGS (alkn_wo_dgs, tv)")
+    # ALKN under fsdp: DGS's quantile, mu, APM's densities and the mask overlaps sum over the shards (lab.alkn)
 
 
 def _launch(cfg: ContinualConfig, resume: Path | None, progress) -> ContinualResult:
@@ -592,6 +604,9 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
                 task_masks[t] = masks.load_mask(f)[0]
     distributed.wrap(model, par, autocast=cfg.autocast)   # fsdp: FSDP2 shards, once for every task
     params = taskvec.trainable(model)
+    # fsdp: the masks loaded whole on resume -> this rank's shards, as ALKN keeps them
+    union_mask = distributed.local_masks(union_mask, params, par)
+    task_masks = {k: distributed.local_masks(m, params, par) for k, m in task_masks.items()}
     theta_0 = taskvec.snapshot(params) if cfg.protocol != "sequential" else None
 
     def on_writer(fn):   # a write of rank 0's; a failure there stops every rank
@@ -663,11 +678,13 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
                     "predicted_retain_change": retain_grad.dot(delta, geo) if retain_grad is not None else None,
                     "task_seconds": round(task_seconds, 2), "steps": global_step}
             del delta, theta_prev, retain_grad
-            if mask is not None:
-                diag["active_fraction"] = masks.active_fraction(mask)
-                diag["mask_jaccard_prev"] = masks.jaccard(mask, prev_mask) if prev_mask is not None else None
+            if mask is not None:   # fsdp: shards, so every count below sums over the group
+                diag["active_fraction"] = masks.active_fraction(mask, reduce=_count_sums(par))
+                diag["mask_jaccard_prev"] = (masks.jaccard(mask, prev_mask, reduce=_count_sums(par))
+                                             if prev_mask is not None else None)
                 task_masks[t] = mask
-                on_writer(lambda: _write_masks(run, t, task_masks, names))
+                outputs = _mask_outputs(t, task_masks, names, params, par)   # every rank
+                on_writer(lambda: _write_masks(run, t, *outputs, names))
                 if cfg.protocol == "sequential":
                     union_mask = mask if union_mask is None else masks.union(union_mask, mask)
             e0 = time.time()
@@ -680,10 +697,10 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
             if cfg.checkpoint:
                 seq = cfg.protocol == "sequential"
                 values = distributed.full_parameters(model, names, par) if seq else None   # every rank
+                whole_union = distributed.full_masks(union_mask, params, par) if seq else None   # every rank
                 on_writer(lambda: _save_checkpoint(run.path, {"task_done": t, "global_step": global_step},
-                                                   params=values, union_mask=union_mask if seq else None,
-                                                   names=names))
-                del values
+                                                   params=values, union_mask=whole_union, names=names))
+                del values, whole_union
         if cfg.save_model:
             distributed.save_pretrained(model, tok, run.path and run.path / "model", par)
         if cfg.probes:  # robustness probes on the model after the last task (lab.probes, METHODS §8)

@@ -346,3 +346,83 @@ def from_writer(fn, par: Parallel | None):
     out = [value]
     dist.broadcast_object_list(out, src=0, group=par.group)
     return out[0]
+
+
+# ---------------------------------------------------------------- ALKN's scores and masks on shards
+# Under fsdp ALKN's score m, its masks and G_r are local shards (the shapes of the local parameters); the
+# quantile of DGS, mu and the realised active fraction need all entries, so they reduce over the group.
+def group_sums(values, group, device="cpu") -> list[float]:
+    """Sums over `group` of per-rank numbers in one all_reduce (float64: counts exact up to 2**53);
+    group None: the values themselves (one process: whole tensors)."""
+    if group is None:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def group_extrema(lo: float, hi: float, group, device="cpu") -> tuple[float, float]:
+    """(min of lo, max of hi) over `group` in one all_reduce (a rank without entries passes inf, -inf)."""
+    if group is None:
+        return lo, hi
+    t = torch.tensor([-lo, hi], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return -float(t[0]), float(t[1])
+
+
+def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
+    """t summed over `group`, in place (group None: t)."""
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def gather_flat(flat: torch.Tensor, group) -> torch.Tensor:
+    """The 1-D tensors of every rank, concatenated in rank order, on every rank. Shards have uneven
+    lengths (FSDP2 chunks dim 0), so two all_gathers: the lengths, then the values padded to the longest."""
+    if group is None:
+        return flat
+    world = dist.get_world_size(group)
+    n = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
+    lengths = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(lengths, n, group=group)
+    lengths = [int(x) for x in lengths]
+    padded = torch.zeros(max(lengths), dtype=flat.dtype, device=flat.device)
+    padded[:flat.numel()] = flat
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:k] for p, k in zip(parts, lengths)])
+
+
+def full_masks(mask, params, par: Parallel | None):
+    """Under fsdp: the whole boolean masks (on CPU) of this rank's shards `mask` of `params` (DTensors),
+    on rank 0, None on the others (a collective: every rank must call it; one tensor gathered at a time,
+    as uint8: gloo has no bool). Other modes, or mask None: mask itself (already whole)."""
+    if mask is None or par is None or not par.sharded:
+        return mask
+    from torch.distributed.tensor import DTensor
+    out = []
+    for m, p in zip(mask, params):
+        shard = m.to(device=local(p).device, dtype=torch.uint8)
+        whole = DTensor.from_local(shard, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                   stride=p.stride()).full_tensor()
+        out.append(whole.bool().cpu() if par.is_writer else None)
+    return out if par.is_writer else None
+
+
+def local_masks(mask, params, par: Parallel | None):
+    """Under fsdp: this rank's shards (on CPU) of whole masks of `params` (DTensors), e.g. masks loaded
+    from a run on resume; no collective (every rank holds the whole masks). Other modes, or mask None:
+    mask itself."""
+    if mask is None or par is None or not par.sharded:
+        return mask
+    from torch.distributed.tensor import distribute_tensor
+    out = []
+    for m, p in zip(mask, params):
+        if tuple(m.shape) != tuple(p.shape):
+            raise ValueError(f"local_masks: a mask of shape {tuple(m.shape)} for a parameter of shape "
+                             f"{tuple(p.shape)}; the masks must describe the model's trainable parameters")
+        whole = torch.as_tensor(m).to(device=local(p).device, dtype=torch.uint8)
+        shard = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)   # no communication
+        out.append(shard.to_local().bool().cpu())
+    return out

@@ -325,9 +325,12 @@ class StepHooks:
     on_update(step, params, before)                 after optimizer.step(), with the pre-step
         weights: may rewrite the realised update in place (mask it, scale it per element). `before`
         is a buffer the engine reuses next step: copy what must outlive the call.
+    shards: the hooks take local shards (FSDP2) and sum what needs all entries over the group
+        themselves (ALKN's, given the group); hooks without it are refused under --parallel fsdp.
     """
     on_direction: object = None
     on_update: object = None
+    shards: bool = False
 
 
 def make_context(model, method: Method, args, forget, tokenizer, cfg: UnlearnConfig, idk_answers):
@@ -408,10 +411,10 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
     args = fit_to_model(method, args, model)     # model-dependent defaults (RMU's layer)
     params = trainable_parameters(model, method, args)
     ctx = context or make_context(model, method, args, forget, tokenizer, cfg, idk_answers)
-    if par.sharded and hooks is not None:
-        raise ValueError("StepHooks (ALKN's gradient sparsity / parameter modulation) under --parallel fsdp: "
-                         "not supported yet (their quantile and masks would need the distributed form); "
-                         "use --parallel ddp or none")
+    if par.sharded and hooks is not None and not hooks.shards:
+        raise ValueError("StepHooks under --parallel fsdp: these hooks see only this rank's shards of every "
+                         "list and do not reduce over the group (StepHooks(shards=False)); use --parallel "
+                         "ddp or none, or hooks built for shards (lab.alkn.ALKNHooks with group=)")
     if par.sharded:
         distributed.wrap(model, par, autocast=cfg.autocast)
         if getattr(ctx, "ref_model", None) is not None:

@@ -9,6 +9,10 @@ order; `names` are the matching parameter names.
     mask_counts(mask, names)                       # per-tensor active counts (layer, module, active, numel)
     moved_fraction(before, after)                  # fraction of entries that changed (task-vector density)
 
+Shards (lab.continual under --parallel fsdp): the mask lists hold this rank's shards of every tensor;
+`reduce` (jaccard, overlap_table, active_fraction, mask_counts) sums a list of per-rank counts over the
+group (lab.distributed.shard_sums), so the numbers are those of the whole masks.
+
 In a continual run directory (lab.continual):
     masks.parquet        overlap of every pair of task masks, globally and per layer / module type
     masks/task_<t>.npz   the task's final mask as packed bits (one array per parameter + its shape)
@@ -41,20 +45,26 @@ def _check_pair(mask_a, mask_b):
             raise ValueError(f"mask tensor {i}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
 
 
-def intersection_union(mask_a, mask_b) -> tuple[int, int]:
-    """(|A and B|, |A or B|) summed over all tensors of two masks."""
+def _tensor_counts(mask_a, mask_b) -> list[tuple[int, int]]:
+    """(|A and B|, |A or B|) of each tensor pair."""
     _check_pair(mask_a, mask_b)
-    inter = union = 0
+    out = []
     for a, b in zip(mask_a, mask_b):
         a, b = _np(a), _np(b)
-        inter += int(np.count_nonzero(a & b))
-        union += int(np.count_nonzero(a | b))
-    return inter, union
+        out.append((int(np.count_nonzero(a & b)), int(np.count_nonzero(a | b))))
+    return out
 
 
-def jaccard(mask_a, mask_b) -> float:
+def intersection_union(mask_a, mask_b, reduce=None) -> tuple[int, int]:
+    """(|A and B|, |A or B|) summed over all tensors of two masks (reduce: and over the shards)."""
+    counts = _tensor_counts(mask_a, mask_b)
+    inter, union = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return tuple(reduce([inter, union])) if reduce is not None else (inter, union)
+
+
+def jaccard(mask_a, mask_b, reduce=None) -> float:
     """|A and B| / |A or B| over per-parameter boolean mask lists (one global number); 0 when both are empty."""
-    inter, union = intersection_union(mask_a, mask_b)
+    inter, union = intersection_union(mask_a, mask_b, reduce)
     return inter / union if union else 0.0
 
 
@@ -69,26 +79,36 @@ def scopes(names) -> dict[str, list[int]]:
     return out
 
 
-def overlap_table(masks: dict, names) -> pd.DataFrame:
+def overlap_table(masks: dict, names, reduce=None) -> pd.DataFrame:
     """Jaccard overlap of every pair of task masks (task_a < task_b), globally and per layer / module type.
 
-    masks: {task: mask list}. Returns a DataFrame with columns lab.runs.MASK_COLUMNS."""
+    masks: {task: mask list}; reduce: sums the per-tensor counts of every pair over the shards (one call).
+    Returns a DataFrame with columns lab.runs.MASK_COLUMNS."""
     tasks = sorted(masks)
+    for t in tasks:
+        if len(masks[t]) != len(names):
+            raise ValueError(f"overlap_table: task {t}'s mask has {len(masks[t])} tensors but {len(names)} names")
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]]
+    counts = [c for a, b in pairs for c in _tensor_counts(masks[a], masks[b])]   # pair-major, per tensor
+    if reduce is not None:
+        flat = reduce([x for c in counts for x in c])
+        counts = list(zip(flat[0::2], flat[1::2]))
     rows = []
     groups = scopes(names)
-    for i, a in enumerate(tasks):
-        for b in tasks[i + 1:]:
-            _check_pair(masks[a], masks[b])
-            for scope, idx in groups.items():
-                rows.append({"task_a": a, "task_b": b, "scope": scope,
-                             "jaccard": jaccard([masks[a][k] for k in idx], [masks[b][k] for k in idx])})
+    for p, (a, b) in enumerate(pairs):
+        pair = counts[p * len(names):(p + 1) * len(names)]
+        for scope, idx in groups.items():
+            inter, union = sum(pair[k][0] for k in idx), sum(pair[k][1] for k in idx)
+            rows.append({"task_a": a, "task_b": b, "scope": scope, "jaccard": inter / union if union else 0.0})
     return pd.DataFrame(rows, columns=runs.MASK_COLUMNS)
 
 
-def active_fraction(mask) -> float:
-    """Fraction of all entries that are True."""
-    total = sum(int(np.prod(m.shape)) for m in mask)
-    return sum(int(np.count_nonzero(_np(m))) for m in mask) / total if total else 0.0
+def active_fraction(mask, reduce=None) -> float:
+    """Fraction of all entries that are True (reduce: of every shard's)."""
+    active, total = sum(int(np.count_nonzero(_np(m))) for m in mask), sum(int(np.prod(m.shape)) for m in mask)
+    if reduce is not None:
+        active, total = reduce([active, total])
+    return active / total if total else 0.0
 
 
 def union(mask_a, mask_b) -> list[torch.Tensor]:
@@ -136,8 +156,13 @@ def load_mask(path) -> tuple[list[torch.Tensor], list[str]]:
     return mask, names
 
 
-def mask_counts(mask, names, task=None) -> pd.DataFrame:
-    """Per-tensor counts: task, name, layer, module, active, numel (what per-tensor plots need)."""
+def mask_counts(mask, names, task=None, reduce=None, shapes=None) -> pd.DataFrame:
+    """Per-tensor counts: task, name, layer, module, active, numel (what per-tensor plots need).
+    Shards: reduce sums the active counts over the group, shapes are the whole tensors' (numel)."""
+    active = [int(np.count_nonzero(_np(m))) for m in mask]
+    if reduce is not None:
+        active = [int(a) for a in reduce(active)]
+    shapes = shapes if shapes is not None else [m.shape for m in mask]
     return pd.DataFrame([{"task": task, "name": n, "layer": layer_of(n), "module": module_type(n),
-                          "active": int(np.count_nonzero(_np(m))), "numel": int(np.prod(m.shape))}
-                         for m, n in zip(mask, names)])
+                          "active": a, "numel": int(np.prod(shape))}
+                         for a, shape, n in zip(active, shapes, names)])

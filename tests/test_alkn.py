@@ -271,3 +271,102 @@ def test_trouge_corpus_build_cache_split_and_mu(tiny, tmp_path, monkeypatch):
     assert alkn.utility_with_trouge(metrics, 0.25) == pytest.approx(10 / (9 * 2 + 4))
     with pytest.raises(ValueError, match="metrics lack"):
         alkn.utility_with_trouge({}, 0.5)
+
+
+# ---------------------------------------------------------------- DGS / APM on shards (issue 17, fsdp)
+# tensors cut along dim 0 as FSDP2 cuts them (torch.chunk; the (1, 4) and (1,) tensors leave rank 1 empty)
+SHARD_SHAPES = [(64, 32), (7, 3), (5,), (1, 4), (1,)]
+SHARD_RHOS = (0.9, 0.5, 0.3, 0.05)
+
+
+def _shard(tensors, rank, world):
+    out = []
+    for t in tensors:
+        chunks = torch.chunk(t, world, 0)
+        out.append(chunks[rank] if rank < len(chunks) else t[0:0])
+    return out
+
+
+def _shard_inputs():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randn(100_000, generator=g) * torch.randn(100_000, generator=g),
+              torch.randn(300, 7, generator=g).pow(3), torch.randn(1, generator=g)]
+    g_r = [torch.randn(s, generator=g) for s in SHARD_SHAPES]
+    # previous-mask densities 0.5, 0.2, 0.8, 1, 0 per tensor: per_tensor APM ranks them
+    prev = [torch.rand(s, generator=g) < p for s, p in zip(SHARD_SHAPES, (0.5, 0.2, 0.8, 1.0, 0.0))]
+    g_u = [[torch.randn(s, generator=g) for s in SHARD_SHAPES] for _ in range(3)]
+    return scores, g_r, prev, g_u
+
+
+def _shard_job(group, rank, world):
+    """Thresholds, the lean G_r sketch and three DGS steps + the final mask with per_tensor APM, on this
+    rank's shards; group None: one process on the whole tensors."""
+    scores, g_r, prev, g_u = (_shard(x, rank, world) if i < 3 else [_shard(s, rank, world) for s in x]
+                              for i, x in enumerate(_shard_inputs()))
+    out = {"eta": {(rho, m): alkn.score_threshold(scores, rho, m, group)
+                   for rho in SHARD_RHOS for m in ("exact", "estimate")},
+           "signs": alkn.RetainGradient(g_r, lean=True, top=0.1, group=group).signs}
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in g_r]
+    opts = alkn.alkn_options("alkn", apm="per_tensor", rho_end=0.3)
+    h = alkn.ALKNHooks(params, opts, 3, alkn.RetainGradient(g_r), prev, group=group)
+    out["tensor_scale"], out["steps"] = h.tensor_scale, []
+    for k, g in enumerate(g_u):
+        d = h.on_direction(k, params, g, [], g)
+        out["steps"].append({"extras": dict(h.extras), "mask": [m.clone() for m in h.mask], "d": d,
+                             "m": [m.clone() for m in h.m]})
+    out["final_mask"] = h.final_mask()
+    out["shards"] = h.step_hooks().shards
+    return out
+
+
+def _shard_worker(rank, world, port, out):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        res = _shard_job(dist.group.WORLD, rank, world)
+        parts = [None] * world
+        dist.all_gather_object(parts, res)
+        if rank == 0:
+            torch.save(parts, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _whole(parts):
+    """Per-rank shard lists -> the whole tensors (concatenated along dim 0 in rank order)."""
+    return [torch.cat(pieces) for pieces in zip(*parts)]
+
+
+@pytest.mark.slow
+def test_dgs_and_apm_on_two_shards_match_one_process(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "shards.pt")
+    mp.spawn(_shard_worker, args=(2, port, out), nprocs=2, join=True)
+    parts = torch.load(out, weights_only=False)
+    one = _shard_job(None, 0, 1)
+    for p in parts:   # every rank takes the same decisions
+        assert p["eta"] == one["eta"]                            # the same kthvalue / the same bin counts
+        assert p["tensor_scale"] == one["tensor_scale"] == [0.1, 1.0, 0.1, 0.1, 1.0]
+        assert p["shards"] and not one["shards"]                 # the engine refuses hooks without shards under fsdp
+    assert one["eta"][(0.05, "exact")] > one["eta"][(0.5, "exact")]   # not all -inf: thresholds that cut
+    assert all(torch.equal(a, b) for a, b in zip(_whole([p["signs"] for p in parts]), one["signs"]))
+    for k, ref in enumerate(one["steps"]):
+        got = [p["steps"][k] for p in parts]
+        for p in got:
+            assert p["extras"]["active_fraction"] == ref["extras"]["active_fraction"]
+            assert p["extras"]["dgs_eta"] == ref["extras"]["dgs_eta"]
+            # mu from moments summed in another order: equal to float64 rounding
+            assert p["extras"]["dgs_mu"] == pytest.approx(ref["extras"]["dgs_mu"], rel=1e-12)
+        assert ref["extras"]["active_fraction"] < 1 or k == 0
+        for what in ("mask", "d", "m"):
+            whole = _whole([p[what] for p in got])
+            assert all(torch.allclose(a, b, rtol=1e-6, atol=0) if what == "m" else torch.equal(a, b)
+                       for a, b in zip(whole, ref[what])), (k, what)
+    assert all(torch.equal(a, b) for a, b in zip(_whole([p["final_mask"] for p in parts]), one["final_mask"]))

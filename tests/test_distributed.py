@@ -339,11 +339,10 @@ def test_continual_a_failing_rank_stops_every_rank(prepared_tiny, tmp_path):
 
 def test_continual_refuses_what_a_launcher_cannot_run():
     from lab import continual as C
-    with pytest.raises(ValueError, match=r"--parallel fsdp: alkn's dynamic gradient sparsity .*valid: --parallel ddp"):
-        C.continual(method="alkn", parallel="fsdp")
     with pytest.raises(ValueError, match="probes run in one process: leave them out under --parallel ddp|fsdp"):
         C.continual(method="npo_rt", parallel="ddp", probes=["quant8"])
-    C.check_parallel(C.ContinualConfig(method="alkn_wo_dgs", parallel="fsdp"))   # no DGS: no global quantile
+    for method in ("alkn", "alkn_wo_dgs"):   # DGS / APM on shards (lab.alkn with the group)
+        C.check_parallel(C.ContinualConfig(method=method, parallel="fsdp"))
 
 
 # ---------------------------------------------------------------- lab prepare under a launcher (issue 17)
@@ -446,3 +445,87 @@ def test_prepare_a_failing_rank_stops_every_rank_and_leaves_nothing(job, failing
     assert other == {"type": "RankFailed", "message": f"rank {failing}: {message}"}
     assert list((tmp_path / "cache" / "prepared").iterdir()) == []   # no entry, no tmp dir, no lock
     assert runs.find_runs(tmp_path / "runs") == []
+
+
+# ---------------------------------------------------------------- ALKN's DGS / APM on FSDP2 shards (issue 17)
+def _overlap_and_counts(run_dir):
+    from lab import runs
+    return (pd.read_parquet(run_dir / runs.MASKS).sort_values(["task_a", "task_b", "scope"]).reset_index(drop=True),
+            pd.read_parquet(run_dir / runs.MASK_COUNTS).reset_index(drop=True))
+
+
+@pytest.fixture(scope="module")
+def alkn_single(prepared_tiny, tmp_path_factory):
+    """ALKN's continual run in one process (the reference of the fsdp run): result, masks.parquet, counts."""
+    from lab import runs
+    root = tmp_path_factory.mktemp("alkn-single")
+    ref = _continual_result(_run_continual("alkn", runs_root=root), "none")
+    start = {k: v.detach().clone() for k, v in prepared_tiny.load("target")[0].state_dict().items()}
+    return ref, start, _overlap_and_counts(runs.find_runs(root)[0])
+
+
+@pytest.mark.slow
+def test_continual_alkn_under_fsdp_matches_one_process(alkn_single, tmp_path):
+    """Two sequential ALKN tasks on 2 fsdp ranks: DGS's quantile, mu and the active fraction over all shards,
+    task 1's APM on the union mask's shards; the masks written whole, their overlap from summed counts."""
+    from lab import runs
+    ref, start, (overlap, counts) = alkn_single
+    out = _load_continual(_spawn_continual(2, "fsdp", tmp_path, ["alkn"]))
+    _compare_continual(ref, out["alkn"], start, "continual fsdp x2 alkn")   # the bounds of ddp's ALKN test
+    (t1, e1, _, m1), (t2, e2, _, m2) = ref, out["alkn"]
+    assert len(m1) == 2 and t2["active_fraction"].between(0, 1).all() and t2["active_fraction"].iloc[-1] < 0.5
+    assert [tuple(x.shape) for x in m2[0]] == [tuple(x.shape) for x in m1[0]]   # whole masks, not shards
+    prev = [(r1.get("mask_jaccard_prev"), r2.get("mask_jaccard_prev")) for r1, r2 in zip(e1, e2)]
+    assert [a is None for a, _ in prev] == [b is None for _, b in prev] and any(a is not None for a, _ in prev)
+    for a, b in prev:
+        if a is not None:
+            assert b == pytest.approx(a, abs=1e-4)
+    got_overlap, got_counts = _overlap_and_counts(runs.find_runs(tmp_path / "runs")[0])
+    assert list(got_overlap[["task_a", "task_b", "scope"]].itertuples(index=False)) == \
+        list(overlap[["task_a", "task_b", "scope"]].itertuples(index=False))
+    assert overlap["jaccard"].gt(0).any()
+    # the masks differ in at most 1e-5 of their entries (_compare_continual): the Jaccards by about as much
+    np.testing.assert_allclose(got_overlap["jaccard"], overlap["jaccard"], atol=1e-4)
+    assert list(got_counts["name"]) == list(counts["name"]) and list(got_counts["numel"]) == list(counts["numel"])
+    assert (got_counts["active"] - counts["active"]).abs().sum() <= 1e-5 * counts["numel"].sum()
+
+
+def _mask_roundtrip_worker(rank, world, port, out):
+    """Whole masks -> this rank's shards (resume) -> whole again on rank 0 (mask files, checkpoints)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    par = distributed.setup("fsdp")
+    try:
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+        model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 1))   # (1, 5), (1,): rank 1 empty
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        params = list(model.parameters())
+        whole = [torch.arange(p.numel()).reshape(p.shape) % 3 == 0 for p in params]
+        shards = distributed.local_masks(whole, params, par)
+        back = distributed.full_masks(shards, params, par)
+        try:
+            distributed.local_masks([m.T for m in whole], params, par)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        res = {"shards": [tuple(s.shape) for s in shards], "local": [tuple(p._local_tensor.shape) for p in params],
+               "back": back, "whole": whole, "error": error}
+        parts = distributed.all_gather_objects(res, par)
+        if rank == 0:
+            torch.save(parts, out)
+    finally:
+        distributed.teardown(par)
+
+
+@pytest.mark.slow
+def test_masks_to_shards_and_back_under_fsdp(tmp_path):
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "masks.pt")
+    mp.spawn(_mask_roundtrip_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    zero, one = torch.load(out, weights_only=False)
+    assert zero["shards"] == zero["local"] == [(3, 3), (3,), (1, 5), (1,)]
+    assert one["shards"] == one["local"] == [(2, 3), (2,), (0, 5), (0,)]
+    assert all(torch.equal(a, b) for a, b in zip(zero["back"], zero["whole"])) and one["back"] is None
+    assert "a mask of shape (3, 5) for a parameter of shape (5, 3)" in zero["error"]
