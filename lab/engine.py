@@ -706,8 +706,9 @@ def _muse_starting_point(cfg: UnlearnConfig):
     - "prepared": lab.prepare's target (the model fine-tuned on the benchmark's max_docs forget articles +
       the retain stand-in) and its retrain reference's evaluation (PrivLeak against it);
     - "model": `cfg.model` itself is the target (the MUSE target checkpoint on a GPU), no reference;
-    - "auto" (default): "prepared" on a CPU preset (tiny, smollm2-135m: they never saw the news; max_docs
-      defaults to MUSE_CPU_MAX_DOCS) or where a prepared entry exists for (model, options), else "model".
+    - "auto" (default): "prepared" where a prepared entry exists for (model, options) - on a CPU preset
+      without max_docs, the MUSE_CPU_MAX_DOCS entry - else "model". auto never starts a fine-tune (minutes on
+      CPU): `lab prepare --benchmark muse_news` or starting_point "prepared" does.
     The reference is evaluated on the run's eval_limit rows (the rows the run scores); the target's own
     evaluation stays in the prepare run (lab.eval.restrict_eval is TOFU's), so no 'initial' record."""
     from lab.data import get_benchmark
@@ -719,12 +720,12 @@ def _muse_starting_point(cfg: UnlearnConfig):
         raise ValueError(f"prepare.starting_point={mode!r}; valid: {', '.join(MUSE_STARTING_POINTS)}")
     kwargs = dict(cfg.benchmark_kwargs)
     preset = cfg.model in PRESETS or cfg.model in ALIASES
-    if mode == "auto" and preset and kwargs.get("max_docs") is None:
+    if mode != "model" and preset and kwargs.get("max_docs") is None:
         kwargs["max_docs"] = MUSE_CPU_MAX_DOCS
     hparams = {"score_eos": cfg.score_eos, "eval_limit": cfg.eval_limit, **options}
     call = dict(model=cfg.model, benchmark=cfg.benchmark, benchmark_kwargs=kwargs, seed=cfg.seed, **hparams)
     if mode == "auto":
-        mode = "prepared" if preset or (kwargs.get("max_docs") and lab_prepare.prepared_exists(**call)) else "model"
+        mode = "prepared" if kwargs.get("max_docs") and lab_prepare.prepared_exists(**call) else "model"
     if mode == "model":
         bench = get_benchmark(cfg.benchmark, **cfg.benchmark_kwargs)
         model, tok = load_model(cfg.model, device=cfg.device, seed=cfg.seed)

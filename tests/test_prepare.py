@@ -1,4 +1,5 @@
 """The TOFU protocol's starting point on the embedded default (tiny model, tofu_subset)."""
+import dataclasses
 import json
 import shutil
 
@@ -332,7 +333,9 @@ def test_unlearn_on_muse_news_starts_from_the_prepared_target_with_a_reference(p
         unlearn(**{**base, "prepare": {"starting_point": "hub"}})
 
 
-def test_muse_starting_point_auto_prepares_cpu_presets_and_keeps_other_models(monkeypatch):
+def test_muse_starting_point_auto_uses_a_cached_entry_and_never_trains(monkeypatch):
+    """auto: the prepared target where its entry exists (a CPU preset: the MUSE_CPU_MAX_DOCS one), else the
+    model itself - a notebook's MUSE section never starts a minutes-long fine-tune; "prepared" does."""
     from lab import engine, models
     calls = []
 
@@ -344,10 +347,17 @@ def test_muse_starting_point_auto_prepares_cpu_presets_and_keeps_other_models(mo
         raise Stop
 
     monkeypatch.setattr(prep, "prepare", fake_prepare)
-    with pytest.raises(Stop):   # a CPU preset without max_docs: prepared, on MUSE_CPU_MAX_DOCS articles
-        engine.load_starting_point(engine.UnlearnConfig(method="ga", benchmark="muse_news", eval_limit=3))
-    assert calls[-1]["benchmark_kwargs"] == {"max_docs": engine.MUSE_CPU_MAX_DOCS} and calls[-1]["eval_limit"] == 3
     monkeypatch.setattr(models, "load_model", lambda name, **kw: (name, None))
+    cfg = engine.UnlearnConfig(method="ga", benchmark="muse_news", eval_limit=3)
+    monkeypatch.setattr(prep, "prepared_exists", lambda **kw: False)
+    plain = engine.load_starting_point(cfg)                       # nothing cached: today's path
+    assert plain[0] == "tiny" and plain[5]["muse_starting_point"] == "model" and calls == []
+    monkeypatch.setattr(prep, "prepared_exists", lambda **kw: kw["benchmark_kwargs"].get("max_docs") is not None)
+    with pytest.raises(Stop):   # the cached entry of a CPU preset: MUSE_CPU_MAX_DOCS articles
+        engine.load_starting_point(cfg)
+    assert calls[-1]["benchmark_kwargs"] == {"max_docs": engine.MUSE_CPU_MAX_DOCS} and calls[-1]["eval_limit"] == 3
+    with pytest.raises(Stop):   # explicit: prepares even without a cached entry
+        engine.load_starting_point(dataclasses.replace(cfg, prepare={"starting_point": "prepared"}))
     hub = engine.load_starting_point(engine.UnlearnConfig(method="ga", model="org/muse-target", benchmark="muse_news"))
     assert hub[0] == "org/muse-target" and hub[3] is None and hub[5]["muse_starting_point"] == "model"
-    assert len(hub[2].forget) == 889 and len(calls) == 1   # the whole corpus, nothing prepared
+    assert len(hub[2].forget) == 889 and len(calls) == 2   # the whole corpus, nothing prepared
