@@ -656,11 +656,20 @@ def _stack(seqs, pad, left=False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(len(seqs), width)
 
 
-def encode_pairs(tokenizer, prompts, targets, max_length: int = 512, add_eos: bool = True) -> dict:
+TRUNCATIONS = ("right", "prompt_left")
+
+
+def encode_pairs(tokenizer, prompts, targets, max_length: int = 512, add_eos: bool = True,
+                 truncate: str = "right") -> dict:
     """Right-padded prompt+target batch: input_ids, attention_mask, labels (-100 on prompt and padding).
 
     Targets are raw answers (passed through answer_text) or whole texts with an empty prompt. Sequences
-    longer than max_length are cut from the right, keeping at least one target token where possible."""
+    longer than max_length: truncate="right" cuts from the right, keeping at least one target token where
+    possible (training windows, TOFU scoring); "prompt_left" keeps the whole target (up to max_length - 1
+    tokens) and the END of the prompt, after its BOS - the context generation sees (encode_prompts), so a
+    long MUSE verbmem prompt is scored on all of its reference continuation (EM / ES)."""
+    if truncate not in TRUNCATIONS:
+        raise ValueError(f"encode_pairs: truncate={truncate!r}; valid: {', '.join(TRUNCATIONS)}")
     prompts, targets = list(prompts), list(targets)
     if len(prompts) != len(targets):
         raise ValueError(f"encode_pairs: {len(prompts)} prompts but {len(targets)} targets")
@@ -672,6 +681,11 @@ def encode_pairs(tokenizer, prompts, targets, max_length: int = 512, add_eos: bo
     seqs, labels = [], []
     for p, t in zip(_prompt_ids(tokenizer, prompts), _tokenize(tokenizer, targets)):
         t = t + eos
+        if truncate == "prompt_left" and len(p) + len(t) > max_length:
+            t = t[:max_length - 1]
+            bos = p[:1] if p[:1] == [tokenizer.bos_token_id] and max_length - len(t) > 1 else []
+            keep = max_length - len(t) - len(bos)
+            p = bos + (p[len(p) - keep:] if keep > 0 else [])
         n_t = min(len(t), max(max_length - len(p), 1))
         p, t = p[:max_length - n_t], t[:n_t]
         seqs.append(p + t)

@@ -26,7 +26,8 @@ from lab.data import _pad_id, encode_pairs, encode_prompts, format_question
 
 # Bump when a metric's definition or scoring convention changes: cached evaluations (lab.prepare) are
 # keyed on it and recomputed (no fine-tune) under the new definitions.
-EVAL_VERSION = 3   # 2: score_eos (answers scored with EOS by default); 3: EM, ES, Min-K%++, GradNorm, Reference
+EVAL_VERSION = 4   # 2: score_eos (answers scored with EOS by default); 3: EM, ES, Min-K%++, GradNorm, Reference
+# 4: MUSE verbmem / knowmem EM and ES score the whole reference (prompt cut from the left, encode_pairs prompt_left)
 
 # METHODS §6 generation lengths
 MAX_NEW_TOKENS = {"tofu": 200, "verbmem": 128, "knowmem": 32}
@@ -42,11 +43,13 @@ def _autocast(model, dtype):
 
 @torch.no_grad()
 def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_length=512,
-                   autocast_dtype=None, desc=None, progress=False, add_eos=False, stats=False) -> list:
+                   autocast_dtype=None, desc=None, progress=False, add_eos=False, stats=False,
+                   truncate="right") -> list:
     """Log-prob of each target token given prompt + earlier target tokens (target tokens only).
 
     add_eos: each target is followed by the EOS token, scored as its last token (the score_eos
     convention, METHODS §6; a sequence cut at max_length loses its EOS first).
+    truncate: lab.data.encode_pairs' rule for pairs longer than max_length ("right" | "prompt_left").
     Returns one 1-D float32 tensor per (prompt, target) pair, in input order.
     stats=True: one dict per pair instead, from the same logits: "logprob" (that tensor), "target" and
     "argmax" (token ids: the answer and the teacher-forced prediction, for EM / ES) and "z" (the
@@ -62,7 +65,8 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
     out: list = [torch.zeros(0)] * len(prompts)
     if not len(prompts):
         return out
-    pairs = _pair_ids(encode_pairs(tokenizer, prompts, targets, max_length=max_length, add_eos=add_eos))
+    pairs = _pair_ids(encode_pairs(tokenizer, prompts, targets, max_length=max_length, add_eos=add_eos,
+                                   truncate=truncate))
     groups: dict[tuple, list[int]] = {}
     for i, (p, t) in enumerate(pairs):
         if t:
@@ -715,8 +719,10 @@ def evaluate_muse(model, tokenizer, benchmark, reference=None, *, batch_size=16,
 
 def _muse_memorization(model, tokenizer, rows, prompts, targets, name, m, opts, score) -> None:
     """Teacher-forced EM / ES (and Min-K%++) of a MUSE set's references; <name>_exact_memorization etc."""
+    # prompt_left: a verbmem prompt + its 128-token reference can exceed max_length; cutting from the right
+    # would leave one reference token (EM / ES of ~0 for every model)
     _memorization_columns(rows, token_logprobs(model, tokenizer, prompts, targets, stats=True, desc=f"{name}: EM/ES",
-                                               **score), opts, drop_last=False)
+                                               truncate="prompt_left", **score), opts, drop_last=False)
     for key in ("exact_memorization", "extraction_strength"):
         m[f"{name}_{key}"] = float(rows[key].mean())
 

@@ -168,6 +168,29 @@ def test_token_logprobs_add_eos_scores_one_more_token():
         assert e[-1].item() == pytest.approx(_by_hand(model, tok, prompts[0], a, eos=True)[-1], rel=1e-4)
 
 
+def test_prompt_left_truncation_keeps_the_whole_target_and_the_end_of_the_prompt():
+    """A long MUSE verbmem prompt + its reference: cut from the right only one reference token is scored
+    (EM / ES ~0 for any model); prompt_left keeps the target whole and the prompt's last tokens after BOS."""
+    from lab.data import _prompt_ids, _tokenize, encode_pairs
+    from lab.eval import _pair_ids
+    model, tok = load_model("tiny", seed=0)
+    prompt = (tok.bos_token or "") + " ".join(f"word{i}" for i in range(200))
+    target = " the reference continuation of this news excerpt, twelve words or so"
+    p_ids, t_ids = _prompt_ids(tok, [prompt])[0], _tokenize(tok, [target])[0]
+    assert len(p_ids) > 64 > len(t_ids)
+    right = _pair_ids(encode_pairs(tok, [prompt], [target], max_length=64, add_eos=False))[0]
+    left = _pair_ids(encode_pairs(tok, [prompt], [target], max_length=64, add_eos=False, truncate="prompt_left"))[0]
+    assert len(right[1]) == 1
+    assert list(left[1]) == list(t_ids) and len(left[0]) + len(left[1]) == 64
+    assert list(left[0][1:]) == list(p_ids[len(p_ids) - (63 - len(t_ids)):]) and left[0][0] == tok.bos_token_id
+    lp = token_logprobs(model, tok, [prompt], [target], max_length=64, truncate="prompt_left")[0]
+    assert lp.numel() == len(t_ids)
+    short = _pair_ids(encode_pairs(tok, ["Q?"], [target], max_length=64, truncate="prompt_left"))[0]
+    assert short == _pair_ids(encode_pairs(tok, ["Q?"], [target], max_length=64))[0]   # fits: unchanged
+    with pytest.raises(ValueError, match="truncate='left'; valid: right, prompt_left"):
+        encode_pairs(tok, [prompt], [target], truncate="left")
+
+
 # ---------------------------------------------------------------- same rows (METHODS §6)
 @pytest.mark.parametrize("limit", [5, 8, None])
 def test_retain_model_against_itself_gives_fq_1_and_privleak_0_at_any_row_limit(prepared_tiny, limit):
