@@ -60,17 +60,14 @@ def _positive_float(text):
     return value
 
 
-# the same ranges for values from --config / --set (the flags check theirs in argparse)
-RANGES = {"epochs": 1, "max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "eval_limit": 1, "n_tasks": 1,
-          "retain_batch_size": 1, "eval_batch_size": 1, "diagnostics": 0, "eval_every": 0}
-
-
 def _check_ranges(cfg: dict) -> None:
-    for key, lo in RANGES.items():
+    """The ranges of values from --config / --set (the flags check theirs in argparse): UnlearnConfig's table
+    (lab.engine.INT_FIELDS) plus continual's n_tasks."""
+    from lab.engine import INT_FIELDS
+    for key, (lo, optional) in {**INT_FIELDS, "n_tasks": (1, True)}.items():
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
-            raise ValueError(f"{key}={value!r}; valid: an int >= {lo}" + (" or null" if key in (
-                "max_steps", "micro_batch_size", "eval_limit", "n_tasks", "eval_every", "retain_batch_size") else ""))
+            raise ValueError(f"{key}={value!r}; valid: an int >= {lo}" + (" or null" if optional else ""))
     if cfg.get("lr") is not None and not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] > 0):
         raise ValueError(f"lr={cfg['lr']!r}; valid: a number > 0 or null (the model's default)")
 

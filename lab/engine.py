@@ -43,6 +43,14 @@ from lab.objectives import ObjectiveContext, get_objective, sequence_logprob
 DEFAULT_LR = {"tiny": 1e-3, "smollm2-135m": 1e-5, None: 1e-5}
 
 
+# integer fields of UnlearnConfig: name -> (lowest valid value, None allowed); lab.cli checks --config /
+# --set values against the same table. eval_every 0 = at the end only, like None (`--eval-every 0`).
+INT_FIELDS = {"epochs": (1, False), "batch_size": (1, False), "max_steps": (1, True), "micro_batch_size": (1, True),
+              "retain_batch_size": (1, True), "eval_limit": (1, True), "eval_every": (0, True),
+              "eval_batch_size": (1, False), "diagnostics": (0, False), "warmup_steps": (0, False),
+              "max_length": (1, False)}
+
+
 @dataclasses.dataclass
 class UnlearnConfig:
     """Everything a run needs; saved to config.yaml. See `lab unlearn --help` for the CLI mapping."""
@@ -86,11 +94,7 @@ class UnlearnConfig:
             raise ValueError(f"schedule={self.schedule!r}; valid: 'constant', 'linear'")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer={self.optimizer!r}; valid: 'adamw', 'sgd'")
-        # the same ranges as the CLI flags (lab.cli), so the Python API refuses them before any work too
-        for name, low, optional in (("epochs", 1, False), ("batch_size", 1, False), ("max_steps", 1, True),
-                                    ("micro_batch_size", 1, True), ("retain_batch_size", 1, True),
-                                    ("eval_limit", 1, True), ("eval_every", 1, True), ("eval_batch_size", 1, False),
-                                    ("diagnostics", 0, False), ("warmup_steps", 0, False), ("max_length", 1, False)):
+        for name, (low, optional) in INT_FIELDS.items():   # before any work, as the CLI's flags
             value = getattr(self, name)
             if optional and value is None:
                 continue
@@ -679,7 +683,7 @@ def load_starting_point(cfg: UnlearnConfig):
     """(model, tokenizer, benchmark, reference eval, initial eval, extra config) for a config.
 
     TOFU: the prepared target model (fine-tuned on forget + retain) and the retain model's evaluation
-    as the forget-quality reference. MUSE-News: see _muse_starting_point."""
+    as the forget-quality reference. MUSE-News: see _muse_prepared_start."""
     from lab.data import get_benchmark
     from lab.models import load_model
     if cfg.benchmark.startswith("tofu"):
@@ -690,19 +694,22 @@ def load_starting_point(cfg: UnlearnConfig):
         model, tok = prepared.load("target", device=cfg.device)
         return (model, tok, prepared.benchmark, prepared.retain_eval, prepared.target_eval,
                 {"prepared": str(prepared.path), "prepare_note": prepared.config.get("note", "")})
-    if cfg.benchmark == "muse_news":
-        return _muse_starting_point(cfg)
+    muse = cfg.benchmark == "muse_news"
+    if muse and (prepared := _muse_prepared_start(cfg)) is not None:
+        return prepared
     bench = get_benchmark(cfg.benchmark, **cfg.benchmark_kwargs)
     model, tok = load_model(cfg.model, device=cfg.device, seed=cfg.seed)
-    return model, tok, bench, None, None, {"retain_standin": bench.config.get("retain_standin")}
+    return model, tok, bench, None, None, {"retain_standin": bench.config.get("retain_standin"),
+                                           **({"muse_starting_point": "model"} if muse else {})}
 
 
 MUSE_STARTING_POINTS = ("auto", "prepared", "model")
 MUSE_CPU_MAX_DOCS = 32   # auto on a CPU preset without max_docs: the forget articles its target is trained on
 
 
-def _muse_starting_point(cfg: UnlearnConfig):
-    """MUSE-News, chosen by cfg.prepare["starting_point"] (recorded in config.yaml as muse_starting_point):
+def _muse_prepared_start(cfg: UnlearnConfig):
+    """MUSE-News, chosen by cfg.prepare["starting_point"] (recorded in config.yaml as muse_starting_point);
+    None where the starting point is the model itself (load_starting_point's plain path):
     - "prepared": lab.prepare's target (the model fine-tuned on the benchmark's max_docs forget articles +
       the retain stand-in) and its retrain reference's evaluation (PrivLeak against it);
     - "model": `cfg.model` itself is the target (the MUSE target checkpoint on a GPU), no reference;
@@ -711,9 +718,8 @@ def _muse_starting_point(cfg: UnlearnConfig):
       CPU): `lab prepare --benchmark muse_news` or starting_point "prepared" does.
     The reference is evaluated on the run's eval_limit rows (the rows the run scores); the target's own
     evaluation stays in the prepare run (lab.eval.restrict_eval is TOFU's), so no 'initial' record."""
-    from lab.data import get_benchmark
-    from lab.models import ALIASES, PRESETS, load_model
     from lab import prepare as lab_prepare
+    from lab.models import ALIASES, PRESETS
     options = dict(cfg.prepare)
     mode = options.pop("starting_point", "auto")
     if mode not in MUSE_STARTING_POINTS:
@@ -727,10 +733,7 @@ def _muse_starting_point(cfg: UnlearnConfig):
     if mode == "auto":
         mode = "prepared" if kwargs.get("max_docs") and lab_prepare.prepared_exists(**call) else "model"
     if mode == "model":
-        bench = get_benchmark(cfg.benchmark, **cfg.benchmark_kwargs)
-        model, tok = load_model(cfg.model, device=cfg.device, seed=cfg.seed)
-        return model, tok, bench, None, None, {"retain_standin": bench.config.get("retain_standin"),
-                                               "muse_starting_point": "model"}
+        return None
     prepared = lab_prepare.prepare(runs_root=cfg.runs_root, verbose=False, device=cfg.device, **call)
     model, tok = prepared.load("target", device=cfg.device)
     return (model, tok, prepared.benchmark, prepared.retain_eval, None,

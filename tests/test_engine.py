@@ -201,13 +201,13 @@ def test_bad_config_errors():
 
 
 @pytest.mark.parametrize("field,value", [("max_steps", 0), ("eval_limit", 0), ("micro_batch_size", 0),
-                                         ("diagnostics", -1), ("eval_every", 0), ("epochs", 0),
+                                         ("diagnostics", -1), ("eval_every", -1), ("epochs", 0),
                                          ("max_steps", 2.5), ("eval_limit", True)])
 def test_out_of_range_fields_are_refused_by_the_python_api(field, value):
     """The CLI's ranges hold for UnlearnConfig too: a notebook or script gets the error before any work."""
     with pytest.raises(ValueError, match=rf"{field}={value!r}; valid: an int >= "):
         UnlearnConfig(**{field: value})
-    UnlearnConfig(max_steps=None, eval_limit=None, diagnostics=0)   # the documented "off" values stay valid
+    UnlearnConfig(max_steps=None, eval_limit=None, diagnostics=0, eval_every=0)   # the documented "off" values stay valid
 
 
 def _free_port():
