@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import contextlib
 import os
 import sys
 import traceback
@@ -32,7 +33,11 @@ def _kv(items) -> dict:
         if "=" not in item:
             raise ValueError(f"expected key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        value = yaml.safe_load(v)
+        if isinstance(value, str):   # PyYAML (YAML 1.1) reads 1e-4 as a string; a float is meant
+            with contextlib.suppress(ValueError):
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        out[k] = value
     return out
 
 

@@ -276,3 +276,11 @@ def test_tag_flag_records_the_experiment_in_the_run_config(tmp_path, monkeypatch
     assert lab_cli.main(["continual", "--method", "alkn", "--tag", "cl", "--runs", str(tmp_path)]) == 0
     tags = sorted(runs.load_run(p).config.get("experiment") for p in runs.find_runs(tmp_path))
     assert tags == ["cl", "sweep 1"] and runs.current_experiment() is None
+
+
+def test_set_values_read_exponent_floats():
+    # PyYAML (YAML 1.1) reads '1e-4' as a string; --set lr=1e-4 reached AdamW as 'str' and crashed
+    from lab.cli import _kv
+    got = _kv(["lr=1e-4", "epochs=5", "warmup=0.1", "autocast=bfloat16", "eval_limit=null", "extras=false"])
+    assert got == {"lr": 1e-4, "epochs": 5, "warmup": 0.1, "autocast": "bfloat16", "eval_limit": None, "extras": False}
+    assert isinstance(got["lr"], float)
