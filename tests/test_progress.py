@@ -34,3 +34,15 @@ def test_a_terminal_gets_the_live_bar_and_disabled_bars_print_nothing():
     for _ in tqdm(range(5), desc="x", file=quiet, disable=True):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_a_long_bar_prints_interim_lines():
+    from lab.progress import LineBar
+    out = io.StringIO()
+    bar = LineBar(total=3, desc="fine-tune", file=out, line_every=0.0)   # every update is "long enough"
+    for _ in range(3):
+        bar.update()
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [ln.split("|")[0].strip() for ln in lines] == ["fine-tune:  33%", "fine-tune:  67%", "fine-tune: 100%",
+                                                          "fine-tune: 100%"]
