@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from lab import runs
 from lab.engine import UnlearnConfig, load_starting_point, unlearn
@@ -190,17 +191,45 @@ def _run_grid(methods, base, overrides_per_method, progress, reuse) -> pd.DataFr
 
 def starting_points(base: UnlearnConfig) -> pd.DataFrame:
     """Rows "Original" (the model before unlearning) and, on TOFU, "Retain" (the retain-only model, the
-    gold standard), evaluated on the same rows as the grid's runs (base.eval_limit)."""
-    from lab.eval import evaluate
-    model, tok, bench, reference, _, extra = load_starting_point(base)
-    kw = dict(limit=base.eval_limit, batch_size=base.eval_batch_size, score_eos=base.score_eos, progress=False)
-    out = [{"label": "Original", "status": "done", **evaluate(model, tok, bench, reference=reference, **kw)["metrics"]}]
+    gold standard), evaluated on the same rows as the grid's runs (base.eval_limit). Where lab.prepare's
+    cached evaluations hold those rows under the run's scoring options, they are cut to them
+    (lab.eval.restrict_eval, as every run's 'initial' record is) instead of evaluated again: on SmolLM2 on
+    CPU that is minutes per notebook."""
+    from lab.eval import evaluate, restrict_eval
+    model, tok, bench, reference, initial, extra = load_starting_point(base)
+    kw = dict(limit=base.eval_limit, batch_size=base.eval_batch_size, score_eos=base.score_eos, progress=False,
+              autocast_dtype=getattr(torch, base.autocast) if base.autocast else None, **base.eval_options)
+
+    def scored(net, tk, cached):
+        if _covers(cached, bench, base):
+            return restrict_eval(cached, base.eval_limit, reference)["metrics"]
+        return evaluate(net, tk, bench, reference=reference, **kw)["metrics"]
+
+    out = [{"label": "Original", "status": "done", **scored(model, tok, initial)}]
     if extra.get("prepared"):
         from lab.models import load_model
         retain, rtok = load_model(f"{extra['prepared']}/retain", device=base.device)
-        out.append({"label": "Retain", "status": "done",
-                    **evaluate(retain, rtok, bench, reference=reference, **kw)["metrics"]})
+        out.append({"label": "Retain", "status": "done", **scored(retain, rtok, reference)})
     return pd.DataFrame(out)
+
+
+def _covers(cached, bench, base: UnlearnConfig) -> bool:
+    """Whether a cached TOFU evaluation (lab.prepare's) holds every row base.eval_limit selects, scored
+    with the options a run of `base` uses (score_eos, the metric options, no autocast difference)."""
+    from lab.eval import metric_options
+    if not isinstance(cached, dict) or "rows" not in cached or base.autocast:
+        return False
+    options = cached.get("options") or {}
+    if options.get("score_eos", True) != base.score_eos:
+        return False
+    if any(options.get(k, v) != v for k, v in metric_options(**base.eval_options).items()):
+        return False
+    counts = cached["rows"].groupby("set").size()
+    for name, ds in bench.eval_sets.items():
+        want = len(ds) if base.eval_limit is None else min(base.eval_limit, len(ds))
+        if counts.get(name, 0) < want:
+            return False
+    return True
 
 
 def uwc_table(grid: pd.DataFrame, base: UnlearnConfig, targets=(0.85, 0.9, 0.95), tol: float = 0.02

@@ -1,5 +1,6 @@
 """lab.experiments: grids of real runs read back through lab.runs, divergence as a row, reuse of finished
 runs, tv/tru through lab.continual, UWC rows, paper tables, side-by-side comparison, computed verdicts."""
+import dataclasses
 import math
 
 import pandas as pd
@@ -153,3 +154,20 @@ def test_cell_lookup():
     assert cell(df, "a", "m") == 1.5
     assert math.isnan(cell(df, "b", "m"))        # did not finish
     assert math.isnan(cell(df, "c", "m")) and math.isnan(cell(df, "a", "other"))
+
+
+def test_starting_points_reuse_the_prepared_evaluations_where_they_cover_the_rows(prepared_tiny, tmp_path, monkeypatch):
+    import lab.eval
+    base = _base(tmp_path)
+    fresh = starting_points(dataclasses.replace(base, eval_options={"es_no_match": "open_unlearning"}))  # not cached
+    calls = []
+    real = lab.eval.evaluate
+    monkeypatch.setattr(lab.eval, "evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cut = starting_points(base)
+    assert calls == []                        # the prepare's evaluations hold these rows: no model pass
+    for label in ("Original", "Retain"):
+        for key in ("forget_rouge", "model_utility", "forget_truth_ratio", "forget_quality"):
+            assert cell(cut, label, key) == pytest.approx(cell(fresh, label, key), abs=1e-4), (label, key)
+    assert cell(cut, "Retain", "forget_quality") == pytest.approx(1.0)
+    starting_points(dataclasses.replace(base, eval_options={"es_no_match": "open_unlearning"}))
+    assert len(calls) == 2                    # other metric options: Original and Retain are evaluated
