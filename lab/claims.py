@@ -184,3 +184,43 @@ def write(dirs=("reports",), out: str | Path = "docs/claims.md") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, build(files) + "\n")
     return out
+
+
+# ---------------------------------------------------------------- headline figures (docs/figures)
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+
+def headline_figure(notebook_path: str | Path):
+    """The first plotly figure an executed notebook shows (each paper notebook's first figure is its
+    headline table's plot), as a plotly Figure; None if it shows none."""
+    import nbformat
+    import plotly.io as pio
+    nb = nbformat.read(str(notebook_path), as_version=4)
+    for c in nb.cells:
+        for out in c.get("outputs", []) if c.cell_type == "code" else []:
+            data = out.get("data", {}).get(PLOTLY_MIME)
+            if data is not None:
+                return pio.from_json(json.dumps(data))
+    return None
+
+
+def export_figures(claims_files, out_dir: str | Path = "docs/figures", profiles=("real",)) -> list[Path]:
+    """For every claims file of a profile in `profiles` whose executed notebook lies beside it
+    (<name>-<profile>.ipynb, as `lab report` writes them), its headline figure as
+    <out_dir>/<name>-<profile>.png (plotly static export: kaleido drives the system Chromium)."""
+    from lab.runs import atomic_write_bytes
+    written = []
+    for f in claims_files:
+        data = load(f)
+        if data["profile"] not in profiles:
+            continue
+        report = Path(f).with_name(f"{data['notebook']}-{data['profile']}.ipynb")
+        fig = headline_figure(report) if report.exists() else None
+        if fig is None:
+            continue
+        out = Path(out_dir) / f"{data['notebook']}-{data['profile']}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.update_layout(width=900, height=520)
+        atomic_write_bytes(out, fig.to_image(format="png", scale=1))
+        written.append(out)
+    return written

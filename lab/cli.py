@@ -297,6 +297,9 @@ def cmd_claims(args) -> None:
     from lab import claims
     out = claims.write(args.reports, args.out)
     print(f"lab claims: {len(claims.find(args.reports))} claims files -> {out}")
+    if args.figures:
+        for png in claims.export_figures(claims.find(args.reports), args.figures, profiles=args.figure_profiles):
+            print(f"lab claims: headline figure -> {png}")
 
 
 # two demo notebooks side by side: the tiny model uses 2 threads poorly (README: demo timings)
@@ -549,6 +552,11 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
                                     "one markdown ledger: per paper, each claim's verdict and numbers per executed profile.")
     sp.add_argument("--reports", nargs="+", default=["reports"], help="directories with *.claims.json (default: reports/)")
     sp.add_argument("--out", default="docs/claims.md", help="ledger path (default: docs/claims.md)")
+    sp.add_argument("--figures", default=None, metavar="DIR",
+                    help="also export each executed report's headline figure (its first plotly figure) as "
+                         "DIR/<name>-<profile>.png (plotly + kaleido through the system Chromium), e.g. docs/figures")
+    sp.add_argument("--figure-profiles", nargs="+", default=["real"], help="profiles whose figures --figures exports "
+                    "(default: real)")
     sp.set_defaults(func=cmd_claims)
 
     sp = sub.add_parser("notebook", help="JupyterLab on notebooks/ (localhost, this venv's kernel)")

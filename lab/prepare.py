@@ -48,9 +48,11 @@ from lab.models import load_model, model_info
 # a from-scratch `tiny` model must memorise its data from nothing, so it needs many more epochs at a
 # much larger lr. 25 epochs: the target still recalls every forget answer (forget ROUGE 1.0, Prob 0.98)
 # and the retain model none (0.07); 40 epochs (Prob 0.997) cost 60 % more of `make demo`'s cold start.
+# SmolLM2-135M: TOFU's 5 epochs, at lr 1e-4 (the real profiles' recipe; README "Real model" shows what
+# the target memorises and that the pretrained model's real-authors / world-facts scores survive).
 PREPARE_DEFAULTS = {
     "tiny": dict(epochs=25, lr=3e-3, batch_size=16, weight_decay=0.0, warmup=0.05),
-    "smollm2-135m": dict(epochs=5, lr=5e-5, batch_size=16, weight_decay=0.01, warmup=0.2),
+    "smollm2-135m": dict(epochs=5, lr=1e-4, batch_size=16, weight_decay=0.01, warmup=0.1),
     None: dict(epochs=5, lr=1e-5, batch_size=32, weight_decay=0.01, warmup=0.2),
 }
 

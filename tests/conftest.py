@@ -32,3 +32,14 @@ def prepared_tiny(tmp_path_factory):
     from lab.prepare import prepare
     return prepare(model="tiny", benchmark="tofu_subset", verbose=False,
                    runs_root=tmp_path_factory.mktemp("prepare-runs"))
+
+
+@pytest.fixture(scope="session")
+def browser_available(request):
+    """The system Chromium + chromedriver (Debian packages; .ci/run installs them). Missing: the test skips
+    LOUDLY with the reason (apt-get install -y chromium chromium-driver), never silently."""
+    from dashboard import screenshots
+    try:
+        screenshots.browser_paths()
+    except screenshots.BrowserMissing as e:
+        pytest.skip(f"BROWSER NOT INSTALLED - {request.node.name} did not run: {e}")

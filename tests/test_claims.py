@@ -74,3 +74,30 @@ def test_claims_file_from_an_executed_notebook(tmp_path):
     assert claims.claims_file(nbformat.v4.new_notebook(), notebook="ngdiff_mto", profile="demo", params={},
                               seconds=0, out=tmp_path) is None
     assert not path.exists()
+
+
+def test_headline_figures_are_exported_as_png(tmp_path, browser_available):
+    # an executed report with two plotly figures and its claims file beside it, as `lab report` writes them
+    import plotly.express as px
+    import plotly.io as pio
+    from lab.claims import PLOTLY_MIME
+    nb = nbformat.v4.new_notebook()
+    for title in ("Table 2 at this scale", "Figure 7"):
+        c = nbformat.v4.new_code_cell("px.scatter(...)")
+        fig = px.scatter(x=[0.3, 0.5], y=[-4.0, -1.0], title=title)
+        c.outputs = [nbformat.v4.new_output("display_data", data={PLOTLY_MIME: json.loads(pio.to_json(fig))})]
+        nb.cells.append(c)
+    nbformat.write(nb, str(tmp_path / "gru_rectification-real.ipynb"))
+    (tmp_path / "gru_rectification-real.claims.json").write_text(json.dumps(
+        {"notebook": "gru_rectification", "profile": "real", "claims": [{"claim": "x", "verdict": "holds at this scale"}]}))
+    (tmp_path / "blur_bilevel-demo.claims.json").write_text(json.dumps(   # a demo profile: no figure by default
+        {"notebook": "blur_bilevel", "profile": "demo", "claims": [{"claim": "y", "verdict": "holds at this scale"}]}))
+    assert claims.headline_figure(tmp_path / "gru_rectification-real.ipynb").layout.title.text == "Table 2 at this scale"
+    out = tmp_path / "figures"
+    assert main(["claims", "--reports", str(tmp_path), "--out", str(tmp_path / "claims.md"), "--figures", str(out)]) in (0, None)
+    pngs = sorted(out.iterdir())
+    assert [p.name for p in pngs] == ["gru_rectification-real.png"]
+    data = pngs[0].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    import struct
+    assert struct.unpack(">II", data[16:24]) == (900, 520)     # the exported size

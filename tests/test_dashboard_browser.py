@@ -13,14 +13,6 @@ from dashboard_fixtures import dashboard_runs  # noqa: F401  (session fixture)
 MIN_CHARTS = {"overview": 2, "geometry": 3, "alignment": 2, "tradeoffs": 1, "robustness": 3, "continual": 3, "masks": 4, "rows": 0}
 
 
-@pytest.fixture(scope="module")
-def browser_available():
-    try:
-        screenshots.browser_paths()
-    except screenshots.BrowserMissing as e:
-        pytest.skip(f"BROWSER NOT INSTALLED - the end-to-end dashboard test did not run: {e}")
-
-
 @pytest.mark.slow
 def test_every_page_renders_in_chromium(browser_available, dashboard_runs, tmp_path):
     log = tmp_path / "streamlit.log"

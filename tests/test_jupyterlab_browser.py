@@ -28,14 +28,6 @@ return Array.from(document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-Input
 """
 
 
-@pytest.fixture(scope="module")
-def browser_available():
-    try:
-        screenshots.browser_paths()
-    except screenshots.BrowserMissing as e:
-        pytest.skip(f"BROWSER NOT INSTALLED - the JupyterLab browser test did not run: {e}")
-
-
 def _get_json(url: str):
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
