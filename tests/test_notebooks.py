@@ -104,7 +104,7 @@ def test_quickstart_family_section_runs_one_method_of_each_family():
     assert demo["family_max_steps"] is not None and 1 <= demo["family_max_steps"] <= 10
 
 
-@pytest.mark.parametrize("profile", ("cpu", *PROFILES))
+@pytest.mark.parametrize("profile", ("cpu", *PROFILES, "real"))
 def test_alkn_reports_mu_with_trouge_in_every_profile(profile):
     """ALKN Table 1's MU folds in T-Rouge (ALKN App. G): every profile that reports MU builds the corpus."""
     values = report.notebook_parameters("alkn_continual")
@@ -120,3 +120,20 @@ def test_gru_gpu_profile_sets_tau_per_base_as_gru_appendix_d():
     tau = {b: values.get("gru_tau_per_base", {}).get(b, values["gru_tau"]) for b in values["bases"]}
     assert tau.pop("gd") is None
     assert set(tau.values()) == {0.001}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "00_quickstart"])
+def test_real_profiles_share_one_prepared_smollm2_entry(name):
+    """Every paper notebook's `real` profile starts from the ONE cached SmolLM2 prepare (README "Real model":
+    `lab prepare --model smollm2-135m --bench-opt n_retain_authors=5 n_forget_authors=5 extras=false --set
+    eval_limit=30`), and its runs score rows that prepare's evaluations hold (so no notebook fine-tunes or
+    re-evaluates the starting point)."""
+    from lab.prepare import cache_keys, prepare_config
+    values = report.profile_parameters(name, "real")
+    assert values["model"] == "smollm2-135m" and values["benchmark"] == "tofu_subset"
+    readme = prepare_config("smollm2-135m", "tofu_subset", {"n_retain_authors": 5, "n_forget_authors": 5,
+                                                            "extras": False}, eval_limit=30)
+    ours = prepare_config(values["model"], values["benchmark"], values["benchmark_kwargs"],
+                          **values.get("prepare_kwargs", {}))
+    assert cache_keys(ours) == cache_keys(readme)
+    assert values["eval_limit"] <= readme["eval_limit"]
