@@ -220,7 +220,7 @@ def cmd_continual(args) -> None:
         from lab.continual import ContinualConfig, continual
         cfg = _config_from_args(args, ContinualConfig, (
             "method", "protocol", "model", "benchmark", "seed", "lr", "lr_decay", "epochs", "max_steps",
-            "batch_size", "n_tasks", "task_unit", "eval_limit", "probes", "save_model", "parallel"))
+            "batch_size", "n_tasks", "task_unit", "eval_limit", "probes", "save_model", "parallel", "lora"))
         _check_ranges(cfg)
         _check_model(cfg.get("model"))
         from lab import runs
@@ -484,6 +484,9 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
                     help="under torchrun / accelerate launch: ddp (replicated weights) or fsdp (FSDP2 shards); "
                          "default none = one process (README 'Scaling out')")
+    sp.add_argument("--lora", metavar="SPEC",
+                    help="train one peft LoRA adapter across the tasks, e.g. r=16,alpha=32,targets=q_proj,v_proj "
+                         "(engine methods only, not alkn / tv / tru; evaluation on the merged model)")
     sp.set_defaults(func=cmd_continual)
 
     sp = sub.add_parser("plan", help="predicted memory per device of a run (weights, gradient lists, optimizer "

@@ -37,6 +37,14 @@ Run directory (lab.runs), besides config.yaml / trace.parquet / summary.json:
   masks.parquet   Jaccard overlap of task masks (lab.masks.overlap_table; ALKN only)
   masks/task_<t>.npz, mask_counts.parquet   per-task masks as packed bits, per-tensor counts
   checkpoint/     state.json (+ params.pt, union_mask.npz in the sequential protocol): resume point
+
+LoRA (`lora`, lab.lora; engine methods only): one peft adapter is put on theta_0 and trained across the tasks
+(sequential: task t goes on from task t-1's adapter; independent / joint: every task from the adapter's init),
+the base weights stay frozen. Each task's reference (KL / NPO theta_ref) is the merged model at the task's start,
+as without LoRA; evaluation, --save-model (<run>/model, plus <run>/adapter) and probes use the merged model.
+The per-task diagnostics (tv_moved_fraction, update_norm, predicted_retain_change) and checkpoint/params.pt are
+over the adapter parameters, so resume restores the adapter. ALKN, tv and tru (task vectors and masks over the
+full weights) refuse lora; so does --parallel fsdp (as in lab unlearn), ddp runs it.
 """
 from __future__ import annotations
 
@@ -51,10 +59,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lab import alkn, distributed, geometry, masks, runs, taskvec
+from lab import alkn, distributed, geometry, lora, masks, runs, taskvec
 from lab.engine import (DEFAULT_LR, Diverged, LoopState, UnlearnConfig, load_starting_point, make_context,
                         unlearning_loop)
-from lab.methods import get_method
+from lab.methods import METHODS, fit_to_model, get_method
 # the per-task table is pure pandas, shared with the dashboard (which must not import torch)
 from lab.runs_views import TABLE_PER_TASK, TABLE_UTILITY, evals_task_table as task_table  # noqa: F401
 
@@ -92,7 +100,12 @@ class ContinualConfig(UnlearnConfig):
                                          or self.n_tasks < 1):
             raise ValueError(f"n_tasks={self.n_tasks!r}; valid: a positive int or None")
         self.kind, self.inner_method, self.inner_args, self.opts = resolve_method(self.method, self.method_args)
-        self.task_config(lr=self.base_lr)   # validates the engine fields
+        self.lora = lora.parse_spec(self.lora)   # recorded as the full dict (r, alpha, dropout, targets)
+        if self.lora and self.kind != "engine":
+            raise ValueError(f"lora: continual method {self.method!r} works on the full weights (ALKN's DGS masks "
+                             "and APM, the task vectors of tv / tru), not on adapters; --lora / lora= runs with "
+                             f"the engine methods (and their aliases, `lab methods`): {', '.join(lora_methods())}")
+        self.task_config(lr=self.base_lr)   # validates the engine fields (lora: not with fsdp or rmu)
 
     @property
     def base_lr(self) -> float:
@@ -116,6 +129,11 @@ class ContinualConfig(UnlearnConfig):
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def lora_methods() -> list[str]:
+    """The continual methods that take `lora`: the engine methods that train every weight (not rmu)."""
+    return sorted({m.name for m in METHODS.values() if not m.trainable})
 
 
 def resolve_method(name: str, method_args: dict) -> tuple[str, str, dict, dict]:
@@ -486,6 +504,13 @@ def _sharded_context(model, tok, forget, method, args, cfg, idk, par):
     return make_context(distributed.plain_copy(model, par), method, args, forget, tok, cfg, idk)
 
 
+def _lora_context(model, tok, forget, method, args, cfg, idk):
+    """LoRA: the objective context of a task from the merged model at the task's start (theta^{t-1} in the
+    sequential protocol, as without adapters; the loop's own would take the base weights theta_0)."""
+    merged = lora.merged_copy(model)
+    return make_context(merged, method, fit_to_model(method, args, merged), forget, tok, cfg, idk)
+
+
 # ---------------------------------------------------------------- the protocol
 @dataclasses.dataclass
 class ContinualResult:
@@ -568,12 +593,14 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
 
     model, tok, bench, reference, _, extra = load_starting_point(cfg.task_config(cfg.base_lr))
     tasks = continual_tasks(bench, cfg.n_tasks, cfg.task_unit)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     trouge_corpus = None
     if cfg.trouge is not None:   # built from theta_0 (the model before any unlearning), cached; on rank 0
         exclude = [a for t in tasks for a in (t["answer"] if "answer" in t.column_names else t["text"])]
         trouge_corpus = distributed.from_writer(
             lambda: alkn.build_trouge_corpus(model, tok, exclude_texts=exclude, **cfg.trouge), par)
+    if cfg.lora:   # one adapter on theta_0 for every task: the parameter lists below are the adapter's
+        model = lora.wrap(model, cfg.lora, seed=cfg.seed)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     method = args = idk = None
     if cfg.kind == "engine":
         method, args = get_method(cfg.inner_method, **cfg.inner_args)
@@ -595,7 +622,11 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
     if ckpt:   # on every rank, into the whole model (before fsdp shards it)
         global_step = ckpt["global_step"]
         if cfg.protocol == "sequential" and (ckpt_dir / "params.pt").is_file():
-            taskvec.load_values_(taskvec.trainable(model), _load_params(ckpt_dir / "params.pt"))
+            saved, current = _load_params(ckpt_dir / "params.pt"), taskvec.trainable(model)
+            if [tuple(v.shape) for v in saved] != [tuple(p.shape) for p in current]:
+                raise ValueError(f"resume: {ckpt_dir / 'params.pt'} holds {len(saved)} tensors that do not match "
+                                 f"the model's {len(current)} trainable parameters (lora={cfg.lora})")
+            taskvec.load_values_(current, saved)
         if (ckpt_dir / "union_mask.npz").is_file():
             union_mask = masks.load_mask(ckpt_dir / "union_mask.npz")[0]
         for t in range(task_done + 1):
@@ -625,8 +656,8 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
 
         if task_done < -1:
             t0 = time.time()
-            evaluated = evaluate_tasks(model, tok, bench, tasks, cfg, reference, trouge_corpus, progress=progress,
-                                       par=par)
+            evaluated = evaluate_tasks(lora.merged_copy(model), tok, bench, tasks, cfg, reference, trouge_corpus,
+                                       progress=progress, par=par)
             if evaluated is not None:   # rank 0 (or one process)
                 log_checkpoint(-1, "initial", 0, 0, *evaluated,
                                {"eval_seconds": round(time.time() - t0, 2), "lr": None})
@@ -648,7 +679,8 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
             mask = None
             try:
                 if cfg.kind == "engine":
-                    context = _sharded_context(model, tok, forget_t, method, args, task_cfg, idk, par)
+                    context = (_lora_context(model, tok, forget_t, method, args, task_cfg, idk) if cfg.lora
+                               else _sharded_context(model, tok, forget_t, method, args, task_cfg, idk, par))
                     unlearning_loop(model, tok, forget_t, bench.retain, method, args, task_cfg, run=run, task=t,
                                     idk_answers=idk, progress=progress, state=state, context=context, parallel=par)
                     del context
@@ -688,8 +720,8 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
                 if cfg.protocol == "sequential":
                     union_mask = mask if union_mask is None else masks.union(union_mask, mask)
             e0 = time.time()
-            evaluated = evaluate_tasks(model, tok, bench, tasks, cfg, reference, trouge_corpus, progress=progress,
-                                       par=par)
+            evaluated = evaluate_tasks(lora.merged_copy(model), tok, bench, tasks, cfg, reference, trouge_corpus,
+                                       progress=progress, par=par)
             diag["eval_seconds"] = round(time.time() - e0, 2)
             epoch = state.trace[-1]["epoch"] if state.trace else 0
             if evaluated is not None:
@@ -701,11 +733,14 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
                 on_writer(lambda: _save_checkpoint(run.path, {"task_done": t, "global_step": global_step},
                                                    params=values, union_mask=whole_union, names=names))
                 del values, whole_union
+        final_model = lora.merged_copy(model)   # LoRA: W + BA as a plain model; otherwise the model
         if cfg.save_model:
-            distributed.save_pretrained(model, tok, run.path and run.path / "model", par)
+            distributed.save_pretrained(final_model, tok, run.path and run.path / "model", par)
+            if cfg.lora and par.is_writer:
+                lora.save_adapter(model, run.path / "adapter")
         if cfg.probes:  # robustness probes on the model after the last task (lab.probes, METHODS §8)
             from lab.probes import continual_forget, run_probes
-            run_probes(model, tok, cfg, run, bench=bench, forget=continual_forget(tasks, cfg.protocol),
+            run_probes(final_model, tok, cfg, run, bench=bench, forget=continual_forget(tasks, cfg.protocol),
                        step=global_step, task=len(tasks) - 1, progress=progress)
         evals = pd.DataFrame(_read_eval_records(run.path) if run.path is not None else [])
         table = task_table(evals)

@@ -287,3 +287,99 @@ def test_resume_of_a_run_without_lr_schedule_keeps_the_old_behaviour(tmp_path):
     (path / runs.SUMMARY).write_text(json.dumps({"status": "failed"}))
     cfg = C._config_from_run(path)
     assert cfg.lr_schedule == "sequential_only" and cfg.task_lr(1) == 1e-3
+
+
+# ---------------------------------------------------------------- LoRA: one adapter trained across the tasks
+LORA = "r=4,alpha=8,dropout=0,targets=q_proj,v_proj"
+LORA_DICT = {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+LORA_RUN = dict(method="ga_rt", protocol="sequential", lr=1e-3, n_tasks=2, task_unit="rows", max_steps=2,
+                batch_size=8, max_length=128, eval_limit=2, eval_max_new_tokens=8, eval_batch_size=8, lora=LORA,
+                save_model=True, progress=False)
+
+
+def test_lora_is_refused_by_the_arithmetic_methods_and_fsdp():
+    for method in ("alkn", "alkn_wo_dgs", "tv", "tru"):
+        with pytest.raises(ValueError, match=rf"lora: continual method '{method}' works on the full weights.*"
+                                             r"engine methods .*: .*ga_rt.*npo_gd"):
+            C.ContinualConfig(method=method, lora=LORA)
+    with pytest.raises(ValueError, match="lora: not with --parallel fsdp"):      # as lab unlearn
+        C.ContinualConfig(method="ga_rt", lora=LORA, parallel="fsdp")
+    with pytest.raises(ValueError, match="lora: not with .*rmu"):
+        C.ContinualConfig(method="rmu", lora=LORA)
+    assert "rmu" not in C.lora_methods() and {"ga_rt", "npo_gd", "gru_npo"} <= set(C.lora_methods())
+    assert C.ContinualConfig(method="npo_rt", lora=LORA, parallel="ddp").lora == LORA_DICT
+    assert C.ContinualConfig(method="ga_rt").lora is None
+
+
+@pytest.fixture(scope="module")
+def lora_run(prepared_tiny, tmp_path_factory):
+    return C.continual(runs_root=tmp_path_factory.mktemp("lora") / "full", **LORA_RUN)
+
+
+def test_lora_sequential_trains_only_the_adapter(prepared_tiny, lora_run):
+    res = lora_run
+    model = res.model
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)                    # the gradient lists: the adapter
+    base_state = prepared_tiny.load("target")[0].state_dict()
+    for name, p in model.get_base_model().named_parameters():           # base weights bit-identical to theta_0
+        if "lora_" in name:
+            if "lora_B" in name:
+                assert p.abs().sum() > 0, name                          # B starts at 0: the adapter moved
+            continue
+        assert torch.equal(p, base_state[name.replace(".base_layer", "")]), name
+    rec = runs.load_run(res.run_dir)
+    assert rec.config["lora"] == LORA_DICT                               # config.yaml records the adapter
+    assert rec.trace.groupby("task").size().tolist() == [2, 2]
+    util = rec.evals[rec.evals["eval_task"].isna()]
+    assert [(t, c) for t, c in zip(util["task"], util["checkpoint"])] == [(-1, "initial"), (0, "unlearned"),
+                                                                          (1, "unlearned")]
+    per = rec.evals[rec.evals["eval_task"].notna()]
+    assert len(per) == 3 * 2 and per["forget_prob"].between(0, 1).all()
+    p0 = dict(zip(per[per["eval_task"] == 0]["task"], per[per["eval_task"] == 0]["forget_prob"]))
+    assert p0[0] != p0[-1]                                               # evaluated on the merged model
+    after = util[util["checkpoint"] == "unlearned"]
+    assert (after["update_norm"] > 0).all() and (after["tv_moved_fraction"] > 0).all()   # adapter coordinates
+    assert after["lr"].tolist() == pytest.approx([1e-3, 5e-4])
+    # checkpoint: the adapter's values; --save-model: merged weights + the adapter
+    saved = C._load_params(res.run_dir / "checkpoint" / "params.pt")
+    assert len(saved) == len(names) and all(torch.equal(s, p) for s, p in zip(
+        saved, (p for p in model.parameters() if p.requires_grad)))
+    assert (res.run_dir / "adapter" / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+    merged = C.lora.merged_copy(model).state_dict()
+    out = AutoModelForCausalLM.from_pretrained(res.run_dir / "model").state_dict()
+    assert not any("lora" in k for k in out) and all(torch.equal(v, merged[k]) for k, v in out.items())
+
+
+def test_lora_resume_restores_the_adapter(prepared_tiny, lora_run, tmp_path, monkeypatch):
+    real = C.unlearning_loop
+
+    def crash_in_task_1(*args, **k):
+        if k.get("task") == 1:
+            raise RuntimeError("simulated crash")
+        return real(*args, **k)
+    monkeypatch.setattr(C, "unlearning_loop", crash_in_task_1)
+    with pytest.raises(runs.RunStopped, match="simulated crash"):
+        C.continual(runs_root=tmp_path, **LORA_RUN)
+    monkeypatch.setattr(C, "unlearning_loop", real)
+    (broken,) = runs.find_runs(tmp_path)
+    resumed = C.continual(resume=broken, progress=False)
+
+    def clean(path):
+        return [{k: v for k, v in r.items() if k not in C.TIME_KEYS} for r in _records(path)]
+    assert clean(resumed.run_dir) == clean(lora_run.run_dir)             # the same records as without the crash
+    assert all(torch.equal(p, q) for p, q in zip(lora_run.model.parameters(), resumed.model.parameters()))
+
+
+def test_lora_through_the_cli(monkeypatch, capsys):
+    seen = []
+
+    def fake(cfg):   # the config the command builds, validated as continual() would
+        seen.append(C.ContinualConfig(**cfg))
+        return C.ContinualResult(None, None, None, pd.DataFrame(), pd.DataFrame(), {})
+    monkeypatch.setattr(C, "continual", fake)
+    assert cli.main(["continual", "--method", "npo_rt", "--lora", LORA]) == 0
+    assert seen[0].lora == LORA_DICT and seen[0].kind == "engine"
+    assert cli.main(["continual", "--method", "alkn", "--lora", LORA]) != 0      # the refusal, as a CLI error
+    assert "lora: continual method 'alkn' works on the full weights" in capsys.readouterr().err
