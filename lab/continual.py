@@ -278,7 +278,7 @@ def _evaluate_tofu_tasks(model, tok, bench, tasks, cfg, reference, kw):
 def _tofu_per_task(res, heads, reference):
     """(utility metrics, per-task forget metrics, per-row outputs) of one evaluation of the task heads."""
     from lab import metrics
-    from lab.eval import same_rows
+    from lab.eval import privleak_or_nan, same_rows
     m, rows = res["metrics"], res["rows"]
     util = {k: v for k, v in m.items() if not k.startswith(("forget_", "mia_", "privleak"))}
     row_task = {int(r): t for t, h in enumerate(heads) for r in h["row"]}
@@ -301,7 +301,8 @@ def _tofu_per_task(res, heads, reference):
                                                                      ref_f["truth_ratio"].to_numpy()))
                 ref_auc = metrics.mia_auc(metrics.membership_score("min_k", ref_f["min_k"]),
                                           metrics.membership_score("min_k", ref_h["min_k"]))
-                out["privleak"] = float(metrics.privleak(out["mia_min_k_auc"], ref_auc))
+                # NaN where the reference separates the task's rows perfectly (AUC 1), as lab.eval reports it
+                out["privleak"] = privleak_or_nan(out["mia_min_k_auc"], ref_auc)
         per_task.append(out)
     return util, per_task, rows
 
