@@ -27,6 +27,7 @@ class LineBar(_std):
         self._line_file = kwargs.get("file") or sys.stderr
         self._line_every = LINE_EVERY if line_every is None else line_every
         self._last_line = time.monotonic()
+        self._printed_n = None      # the count of the last line printed (close does not repeat it)
         kwargs["file"] = io.StringIO()
         super().__init__(*args, **kwargs)
 
@@ -34,7 +35,7 @@ class LineBar(_std):
         out = super().update(n)
         now = time.monotonic()
         if self._line_file is not None and not self.disable and now - self._last_line >= self._line_every:
-            self._last_line = now
+            self._last_line, self._printed_n = now, self.n
             print(self.format_meter(**self.format_dict), file=self._line_file, flush=True)
         return out
 
@@ -44,7 +45,7 @@ class LineBar(_std):
 
     def close(self):
         out, self._line_file = self._line_file, None
-        if out is not None and not self.disable:
+        if out is not None and not self.disable and self.n != self._printed_n:
             print(self.format_meter(**self.format_dict), file=out, flush=True)
         super().close()
 

@@ -44,5 +44,4 @@ def test_a_long_bar_prints_interim_lines():
         bar.update()
     bar.close()
     lines = out.getvalue().splitlines()
-    assert [ln.split("|")[0].strip() for ln in lines] == ["fine-tune:  33%", "fine-tune:  67%", "fine-tune: 100%",
-                                                          "fine-tune: 100%"]
+    assert [ln.split("|")[0].strip() for ln in lines] == ["fine-tune:  33%", "fine-tune:  67%", "fine-tune: 100%"]
