@@ -43,3 +43,25 @@ def browser_available(request):
         screenshots.browser_paths()
     except screenshots.BrowserMissing as e:
         pytest.skip(f"BROWSER NOT INSTALLED - {request.node.name} did not run: {e}")
+
+
+@pytest.fixture
+def crashing_task(monkeypatch):
+    """crash(run, task=1): call run() with lab.continual's per-task loop raising 'simulated crash' at `task`
+    (expects the RunStopped it gives), then restore the real loop; for the resume tests."""
+    from lab import continual, runs
+
+    def crash(run, task=1):
+        real = continual.unlearning_loop
+
+        def loop(*args, **kwargs):
+            if kwargs.get("task") == task:
+                raise RuntimeError("simulated crash")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(continual, "unlearning_loop", loop)
+        try:
+            with pytest.raises(runs.RunStopped, match="simulated crash"):
+                run()
+        finally:
+            monkeypatch.setattr(continual, "unlearning_loop", real)
+    return crash

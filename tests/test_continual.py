@@ -352,17 +352,8 @@ def test_lora_sequential_trains_only_the_adapter(prepared_tiny, lora_run):
     assert not any("lora" in k for k in out) and all(torch.equal(v, merged[k]) for k, v in out.items())
 
 
-def test_lora_resume_restores_the_adapter(prepared_tiny, lora_run, tmp_path, monkeypatch):
-    real = C.unlearning_loop
-
-    def crash_in_task_1(*args, **k):
-        if k.get("task") == 1:
-            raise RuntimeError("simulated crash")
-        return real(*args, **k)
-    monkeypatch.setattr(C, "unlearning_loop", crash_in_task_1)
-    with pytest.raises(runs.RunStopped, match="simulated crash"):
-        C.continual(runs_root=tmp_path, **LORA_RUN)
-    monkeypatch.setattr(C, "unlearning_loop", real)
+def test_lora_resume_restores_the_adapter(prepared_tiny, lora_run, tmp_path, crashing_task):
+    crashing_task(lambda: C.continual(runs_root=tmp_path, **LORA_RUN))
     (broken,) = runs.find_runs(tmp_path)
     resumed = C.continual(resume=broken, progress=False)
 

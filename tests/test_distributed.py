@@ -308,21 +308,12 @@ def test_continual_world_size_two_matches_one_process(mode, methods, continual_s
 
 
 @pytest.mark.slow
-def test_continual_resumed_under_fsdp_matches_one_uninterrupted_process(continual_single, tmp_path, monkeypatch):
+def test_continual_resumed_under_fsdp_matches_one_uninterrupted_process(continual_single, tmp_path, crashing_task):
     """A one-process run that failed in task 1, resumed by 2 fsdp ranks: the checkpoint (full weights) loads
     on every rank before sharding, and task 1 gives what the uninterrupted run gave."""
-    from lab import continual as C, runs
+    from lab import runs
     ref, start = continual_single
-    real = C.unlearning_loop
-
-    def crash_in_task_1(*a, **k):
-        if k.get("task") == 1:
-            raise RuntimeError("simulated crash")
-        return real(*a, **k)
-    monkeypatch.setattr(C, "unlearning_loop", crash_in_task_1)
-    with pytest.raises(runs.RunStopped, match="simulated crash"):
-        _run_continual("npo_rt", runs_root=tmp_path / "broken")
-    monkeypatch.setattr(C, "unlearning_loop", real)
+    crashing_task(lambda: _run_continual("npo_rt", runs_root=tmp_path / "broken"))
     broken = runs.find_runs(tmp_path / "broken")[0]
     out = _load_continual(_spawn_continual(2, "fsdp", tmp_path, [], job="resume", where=broken))
     _compare_continual(ref["npo_rt"], out["resumed"], start, "continual fsdp x2 resumed npo_rt")

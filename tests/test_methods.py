@@ -237,7 +237,7 @@ def test_methods_run_end_to_end_and_the_config_records_their_options(name, prepa
 
 
 @pytest.mark.slow
-def test_pdu_dual_weight_on_resume_of_a_continual_run(prepared_tiny, tmp_path, monkeypatch):
+def test_pdu_dual_weight_on_resume_of_a_continual_run(prepared_tiny, tmp_path, crashing_task):
     """Continual runs resume after their last finished task, and every task starts a fresh LoopState
     (combiner state: GRU's EMA, PDU's dual weight, from dual_init): a run resumed after a crash in task 1
     traces the same dual_retain_weight at every step as the uninterrupted run."""
@@ -246,16 +246,7 @@ def test_pdu_dual_weight_on_resume_of_a_continual_run(prepared_tiny, tmp_path, m
     kw = dict(method="pdu", protocol="sequential", lr=1e-3, n_tasks=2, task_unit="rows", epochs=1, batch_size=8,
               max_length=128, eval_limit=2, eval_max_new_tokens=16, eval_batch_size=8, progress=False)
     full = C.continual(runs_root=tmp_path / "a", **kw)
-    real = C.unlearning_loop
-
-    def crash_in_task_1(*args, **k):
-        if k.get("task") == 1:
-            raise RuntimeError("simulated crash")
-        return real(*args, **k)
-    monkeypatch.setattr(C, "unlearning_loop", crash_in_task_1)
-    with pytest.raises(runs.RunStopped, match="simulated crash"):
-        C.continual(runs_root=tmp_path / "b", **kw)
-    monkeypatch.setattr(C, "unlearning_loop", real)
+    crashing_task(lambda: C.continual(runs_root=tmp_path / "b", **kw))
     resumed = C.continual(resume=runs.find_runs(tmp_path / "b")[0], progress=False)
     a, b = runs.load_run(full.run_dir).trace, runs.load_run(resumed.run_dir).trace
     assert len(a) == len(b) > 2 and a["dual_retain_weight"].notna().all()
