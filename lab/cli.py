@@ -538,12 +538,12 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
 
     sp = sub.add_parser("report", help="execute notebooks with a parameter profile into HTML reports",
                         description="Execute a notebook (or --all) under papermill with a parameter profile: "
-                                    "cpu = the notebook's own defaults, smoke / demo / gpu = "
+                                    "cpu = the notebook's own defaults, smoke / demo / real / gpu = "
                                     "notebooks/params/<profile>/<name>.yaml; writes <out>/<name>-<profile>.ipynb "
                                     "and .html (a failing notebook is kept as .failed.ipynb).")
     sp.add_argument("name", nargs="?", help="notebook name, e.g. alkn_continual (see notebooks/)")
     sp.add_argument("--all", action="store_true", help="every notebook in notebooks/")
-    sp.add_argument("--profile", default="cpu", help="cpu (default), smoke, demo or gpu")
+    sp.add_argument("--profile", default="cpu", help="cpu (default), smoke, demo, real (SmolLM2-135M on CPU) or gpu")
     sp.add_argument("--out", default="reports", help="report directory (default: reports/)")
     sp.add_argument("--runs", help="runs_root for the notebooks' run directories (default: the profile's)")
     sp.add_argument("-p", "--param", nargs="*", metavar="K=V", help="parameter overrides, e.g. eval_limit=4")
