@@ -16,8 +16,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
+import json
 import os
 import sys
 import traceback
