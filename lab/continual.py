@@ -59,7 +59,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lab import alkn, distributed, geometry, lora, masks, runs, taskvec
+from lab import alkn, distributed, geometry, lora, masks, prepare, runs, taskvec
 from lab.engine import (DEFAULT_LR, Diverged, LoopState, UnlearnConfig, load_starting_point, make_context,
                         unlearning_loop)
 from lab.methods import METHODS, fit_to_model, get_method
@@ -594,6 +594,12 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
 
     model, tok, bench, reference, _, extra = load_starting_point(cfg.task_config(cfg.base_lr))
     tasks = continual_tasks(bench, cfg.n_tasks, cfg.task_unit)
+    if reference is not None and bench.name.startswith("tofu") and extra.get("prepared"):
+        # the task heads span every forget author; the prepare may have evaluated fewer rows (its eval_limit)
+        sub = _tofu_eval_benchmark(bench, tasks, cfg.eval_limit)[1]
+        sets = {name: sub.eval_sets[name] for name in ("forget", "holdout")}
+        reference = distributed.from_writer(lambda: prepare.reference_covering(
+            extra["prepared"], reference, sets, device=cfg.device, progress=progress), par)
     trouge_corpus = None
     if cfg.trouge is not None:   # built from theta_0 (the model before any unlearning), cached; on rank 0
         exclude = [a for t in tasks for a in (t["answer"] if "answer" in t.column_names else t["text"])]

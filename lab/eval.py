@@ -474,6 +474,23 @@ def evaluate_tofu(model, tokenizer, benchmark, reference=None, *, batch_size=16,
     return {"benchmark": benchmark.name, "metrics": m, "rows": rows, "options": _recorded(opts)}
 
 
+def score_tofu_rows(model, tokenizer, sets: dict, *, batch_size=16, autocast_dtype=None, progress=False,
+                    score_eos=True, mia_k=0.4, **options) -> pd.DataFrame:
+    """evaluate_tofu's per-row frame for `sets` ({set name: QA dataset}) without generation: the scored
+    columns (loss, prob, truth ratio, MIA scores, EM / ES) only, ROUGE and generations left out. What a
+    reference needs where it lacks rows (lab.prepare.reference_covering): forget quality and PrivLeak read
+    truth ratios and MIA scores, never ROUGE. options: the recorded metric options (RECORDED_OPTIONS)."""
+    opts = _eval_options(dict(batch_size=batch_size, max_new_tokens=None, mia_k=mia_k, autocast_dtype=autocast_dtype,
+                              progress=progress, score_eos=bool(score_eos)), **options)
+    was_training = model.training
+    model.eval()
+    try:
+        frames = [_qa_set(model, tokenizer, ds, name, generate_answers=False, opts=opts) for name, ds in sets.items()]
+    finally:
+        model.train(was_training)
+    return pd.concat(frames, ignore_index=True)
+
+
 def _tofu_metrics(rows: pd.DataFrame, reference, opts) -> dict:
     by = {name: g for name, g in rows.groupby("set")}
     m: dict[str, float] = {}

@@ -683,6 +683,43 @@ def evaluate_reference_self(res: dict) -> dict:
     return {**res, "metrics": {**res["metrics"], "forget_quality": m["forget_quality"], "privleak": m["privleak"]}}
 
 
+def reference_covering(prepared_path, reference: dict, sets: dict, *, device="cpu", progress=False) -> dict:
+    """`reference` (the prepared retain model's evaluation, Prepared.retain_eval) extended to every row of
+    `sets` ({set name: QA dataset}) it lacks, so that a run scoring other rows than the prepare evaluated
+    (a continual run's task heads span all forget authors; the prepare evaluated the first eval_limit rows)
+    still compares with the reference on the same rows (METHODS §6). The missing rows are scored (not
+    generated: forget quality and PrivLeak read truth ratios and MIA scores) by the retain model under the
+    prepare's own evaluation options, and cached in <prepared>/reference_rows/<key>.parquet (atomic).
+    The reference is returned unchanged where it covers every row already."""
+    rows = reference["rows"]
+    have = set(zip(rows["set"], rows["row"].astype(int)))
+    missing = {name: ds.select([i for i, r in enumerate(ds["row"]) if (name, int(r)) not in have])
+               for name, ds in sets.items()}
+    missing = {name: ds for name, ds in missing.items() if len(ds)}
+    if not missing:
+        return reference
+    path = Path(prepared_path)
+    cfg = json.loads((path / "prepared.json").read_text())["config"]
+    options = dict(reference.get("options") or {})
+    key_src = {"rows": {n: sorted(int(r) for r in ds["row"]) for n, ds in missing.items()}, "options": options,
+               "autocast": cfg.get("autocast"), "eval_version": lab_eval.EVAL_VERSION,
+               "data": data_hash(*missing.values())}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out = path / "reference_rows" / f"{key}.parquet"
+    if out.is_file():
+        extra = pd.read_parquet(out)
+    else:
+        net, tok = load_model(str(path / "retain"), device=device)
+        autocast_dtype = getattr(torch, cfg["autocast"]) if cfg.get("autocast") else None
+        extra = lab_eval.score_tofu_rows(net, tok, missing, batch_size=cfg["eval_batch_size"],
+                                         autocast_dtype=autocast_dtype, progress=progress, **options)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        extra.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+    return {**reference, "rows": pd.concat([rows, extra], ignore_index=True)}
+
+
 def _load_prepared(path: Path, eval_key: str, cfg: dict | None = None) -> Prepared:
     meta = json.loads((path / "prepared.json").read_text())
     ev = path / "evals" / eval_key
@@ -691,8 +728,10 @@ def _load_prepared(path: Path, eval_key: str, cfg: dict | None = None) -> Prepar
     evals = {w: {"benchmark": cfg["benchmark"]["name"], "metrics": stored["metrics"][w],
                  "rows": pd.read_parquet(ev / f"{w}_eval_rows.parquet"),
                  "options": (stored.get("options") or {}).get(w)} for w in ("target", "retain")}
+    # the prepare run lives under the runs root it was started with; a deleted one is not pointed at
+    run_dir = Path(meta["run_dir"]) if meta.get("run_dir") else None
     return Prepared(path=path, config=cfg, target_eval=evals["target"], retain_eval=evals["retain"],
-                    run_dir=Path(meta["run_dir"]) if meta.get("run_dir") else None, eval_path=ev)
+                    run_dir=run_dir if run_dir and run_dir.is_dir() else None, eval_path=ev)
 
 
 MEMORISATION_KEYS = ["forget_rouge", "forget_prob", "forget_truth_ratio", "forget_quality", "retain_rouge",

@@ -26,12 +26,12 @@ def shared_data() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def prepared_tiny(tmp_path_factory):
+def prepared_tiny():
     """The embedded default: tiny target + retain models on tofu_subset (the same cache entry as
     `make demo`). First call trains both (a few minutes on 2 cores); later calls load the cache."""
-    from lab.prepare import prepare
-    return prepare(model="tiny", benchmark="tofu_subset", verbose=False,
-                   runs_root=tmp_path_factory.mktemp("prepare-runs"))
+    from lab.prepare import cache_root, prepare
+    # the prepare run beside the cache it fills (a pytest tmp dir is deleted while the cache lives on)
+    return prepare(model="tiny", benchmark="tofu_subset", verbose=False, runs_root=cache_root() / "test-runs")
 
 
 @pytest.fixture(scope="session")

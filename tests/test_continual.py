@@ -107,6 +107,17 @@ def test_sequential_baseline_halves_lr_and_cascades(prepared_tiny, tmp_path):
     assert not (res.run_dir / runs.MASKS).exists()                       # masks are ALKN's
 
 
+def test_tasks_beyond_the_prepares_evaluated_rows_score_the_reference_on_them(prepared_tiny, tmp_path):
+    # the prepare evaluated 2 rows per set; tasks 1 and 2 start at forget rows 13 and 27 (was: ValueError
+    # "reference lacks ... rows"): their reference rows are scored by the retain model and cached
+    res = C.continual(method="npo_rt", protocol="independent", lr=1e-3, runs_root=tmp_path,
+                      prepare={"eval_limit": 2}, **SHORT)
+    _, per = _check_records(res.run_dir)
+    fq = [r["forget_quality"] for r in per if r["eval_task"] is not None]
+    assert len(fq) == 4 * 3 and all(0 <= q <= 1 for q in fq), fq
+    assert len(list((prepared_tiny.path / "reference_rows").glob("*.parquet"))) >= 1
+
+
 def test_independent_alkn_starts_every_task_from_theta0(prepared_tiny, tmp_path):
     res = C.continual(method="alkn", protocol="independent", lr=1e-3, runs_root=tmp_path, **SHORT)
     util, _ = _check_records(res.run_dir)

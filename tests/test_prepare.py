@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from lab import prepare as prep
+from lab import eval as lab_eval
 from lab import runs
 from lab.data import read_records
 
@@ -35,6 +36,37 @@ def test_prepared_run_directory_and_config(prepared_tiny):
     assert set(rec.evals["checkpoint"]) == {"target", "retain"}
     assert {"loss", "lr", "checkpoint"} <= set(rec.trace.columns)
     assert set(rec.rows["set"]) >= {"forget", "retain", "real_authors", "world_facts", "holdout"}
+
+
+def test_a_cache_entry_whose_prepare_run_was_deleted_points_at_no_run(prepared_tiny, tmp_path):
+    meta = json.loads((prepared_tiny.path / "prepared.json").read_text())
+    (tmp_path / "prepared.json").write_text(json.dumps({**meta, "run_dir": str(tmp_path / "deleted-run")}))
+    (tmp_path / "evals").symlink_to(prepared_tiny.path / "evals")
+    entry = prep._load_prepared(tmp_path, prepared_tiny.eval_path.name)
+    assert entry.run_dir is None and entry.target_eval["metrics"] == prepared_tiny.target_eval["metrics"]
+
+
+def test_reference_covering_scores_the_rows_a_reference_lacks_as_the_full_evaluation_did(prepared_tiny, monkeypatch):
+    full = prepared_tiny.retain_eval
+    rows = full["rows"]
+    forget, holdout = (prepared_tiny.benchmark.eval_sets[s] for s in ("forget", "holdout"))
+    cut = {**full, "rows": rows[(rows["set"] != "forget") | (rows["row"].isin(forget["row"][:4]))]}
+    sets = {"forget": forget.select(range(10)), "holdout": holdout.select(range(3))}
+    with pytest.raises(ValueError, match="reference lacks 6 of the 10"):
+        lab_eval.same_rows(cut, lab_eval.score_tofu_rows(*prepared_tiny.load("retain"), sets), ("forget",))
+    covered = prep.reference_covering(prepared_tiny.path, cut, sets)
+    got, want = (lab_eval.same_rows(r, covered["rows"], ("forget",))[0] for r in (covered, full))
+    assert got["row"].tolist() == list(forget["row"][:10]) and len(covered["rows"]) == len(cut["rows"]) + 6
+    for col in ("truth_ratio", "min_k", "loss", "zlib", "exact_memorization"):   # scored alone == in the full batch
+        assert got[col].to_numpy() == pytest.approx(want[col].to_numpy(), rel=1e-4, abs=1e-6), col
+    assert got["rouge"].iloc[:4].notna().all() and got["rouge"].iloc[4:].isna().all()   # scored, never generated
+
+    def never(*a, **k):
+        raise AssertionError("a cached reference extension must not load the retain model")
+    monkeypatch.setattr(prep, "load_model", never)
+    again = prep.reference_covering(prepared_tiny.path, cut, sets)
+    pd.testing.assert_frame_equal(again["rows"], covered["rows"])
+    assert prep.reference_covering(prepared_tiny.path, full, sets) is full   # covers them already
 
 
 def test_cached_second_call_loads_without_fine_tuning_or_evaluating(prepared_tiny, tmp_path, monkeypatch):
@@ -242,9 +274,9 @@ MUSE_PREP = dict(epochs=40, eval_limit=2, batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def prepared_muse(tmp_path_factory):
+def prepared_muse():
     return prep.prepare(model="tiny", benchmark="muse_news", benchmark_kwargs=MUSE_DOCS, verbose=False,
-                        runs_root=tmp_path_factory.mktemp("muse_prepare_runs"), **MUSE_PREP)
+                        runs_root=prep.cache_root() / "test-runs", **MUSE_PREP)
 
 
 def test_muse_forget_selection_takes_the_eval_items_articles_first(shared_data):
@@ -292,7 +324,10 @@ def test_muse_target_memorises_its_news_and_the_reference_does_not(prepared_muse
     target, ref = prepared_muse.target_eval["metrics"], prepared_muse.retain_eval["metrics"]
     print("MUSE prepared (tiny, 3 articles): target", {k: round(target[k], 3) for k in prep.MUSE_MEMORISATION_KEYS},
           "reference", {k: round(ref[k], 3) for k in prep.MUSE_MEMORISATION_KEYS})
-    assert target["verbmem_rouge_f1"] > ref["verbmem_rouge_f1"] + 0.15, (target, ref)
+    # exact memorisation (teacher-forced, ~0.5 vs ~0.02 on 2 cores and in CI) carries the claim with a wide
+    # margin; the generated ROUGE (0.20-0.25 vs 0.055-0.07) moves with thread count and is checked looser
+    assert target["verbmem_exact_memorization"] > ref["verbmem_exact_memorization"] + 0.3, (target, ref)
+    assert target["verbmem_rouge_f1"] > ref["verbmem_rouge_f1"] + 0.1, (target, ref)
     assert "privleak" in target and ref["privleak"] == 0.0       # PrivLeak against the real retrain reference
     assert prepared_muse.config["benchmark"]["max_docs"] == 3 and "3 forget articles" in prepared_muse.config["note"]
     table = prep.memorisation_table(prepared_muse)
