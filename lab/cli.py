@@ -193,7 +193,8 @@ def cmd_unlearn(args) -> None:
     from lab.engine import UnlearnConfig, unlearn
     cfg = _config_from_args(args, UnlearnConfig, (
         "method", "model", "benchmark", "seed", "lr", "epochs", "max_steps", "batch_size",
-        "micro_batch_size", "eval_every", "eval_limit", "diagnostics", "probes", "save_model", "parallel", "lora"))
+        "micro_batch_size", "eval_every", "eval_limit", "diagnostics", "probes", "save_model", "parallel", "nproc",
+        "lora"))
     _check_ranges(cfg)
     _check_model(cfg.get("model"))
     from lab import runs
@@ -220,7 +221,7 @@ def cmd_continual(args) -> None:
         from lab.continual import ContinualConfig, continual
         cfg = _config_from_args(args, ContinualConfig, (
             "method", "protocol", "model", "benchmark", "seed", "lr", "lr_decay", "epochs", "max_steps",
-            "batch_size", "n_tasks", "task_unit", "eval_limit", "probes", "save_model", "parallel", "lora"))
+            "batch_size", "n_tasks", "task_unit", "eval_limit", "probes", "save_model", "parallel", "nproc", "lora"))
         _check_ranges(cfg)
         _check_model(cfg.get("model"))
         from lab import runs
@@ -443,6 +444,8 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
                     help="under torchrun / accelerate launch: ddp (replicated weights) or fsdp (FSDP2 shards); "
                          "default none = one process (README 'Scaling out')")
+    sp.add_argument("--nproc", type=int, metavar="N",
+                    help="with --parallel ddp|fsdp and no launcher: start N ranks on this machine (torchrun) yourself")
     sp.add_argument("--lora", metavar="SPEC",
                     help="train peft LoRA adapters only, e.g. r=16,alpha=32,dropout=0,targets=q_proj,k_proj,v_proj,o_proj "
                          "(evaluation and --save-model on the merged model; the adapter in <run>/adapter)")
@@ -484,6 +487,8 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
                     help="under torchrun / accelerate launch: ddp (replicated weights) or fsdp (FSDP2 shards); "
                          "default none = one process (README 'Scaling out')")
+    sp.add_argument("--nproc", type=int, metavar="N",
+                    help="with --parallel ddp|fsdp and no launcher: start N ranks on this machine (torchrun) yourself")
     sp.add_argument("--lora", metavar="SPEC",
                     help="train one peft LoRA adapter across the tasks, e.g. r=16,alpha=32,targets=q_proj,v_proj "
                          "(engine methods only, not alkn / tv / tru; evaluation on the merged model)")

@@ -548,6 +548,10 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
     if resume is None:
         cfg = (dataclasses.replace(config, **overrides) if isinstance(config, ContinualConfig)
                else ContinualConfig(**{**(config or {}), **overrides}))
+        if cfg.nproc > 1 and not distributed.launched():   # e.g. a notebook's call: start the ranks, read the run
+            run_dir = distributed.launch_run("continual", dataclasses.asdict(cfg), cfg.nproc, cfg.runs_root)
+            evals = pd.DataFrame(_read_eval_records(run_dir))
+            return ContinualResult(run_dir, None, None, evals, task_table(evals), runs.load_run(run_dir).config)
         return _launch(cfg, None, progress)
     resume = Path(resume)
     if not (resume / runs.CONFIG).is_file():
@@ -562,18 +566,8 @@ def continual(config: ContinualConfig | dict | None = None, *, resume=None, prog
 RESUME_OVERRIDES = ("parallel",)
 
 
-def check_parallel(cfg: ContinualConfig) -> None:
-    """What continual cannot run under --parallel ddp|fsdp, refused before any work."""
-    if cfg.parallel == "none":
-        return
-    if cfg.probes:
-        raise ValueError("probes run in one process: leave them out under --parallel ddp|fsdp")
-    # ALKN under fsdp: DGS's quantile, mu, APM's densities and the mask overlaps sum over the shards (lab.alkn)
-
-
 def _launch(cfg: ContinualConfig, resume: Path | None, progress) -> ContinualResult:
     """Join the launcher's process group once, take the run's writer lock (rank 0) and run the protocol."""
-    check_parallel(cfg)
     par = distributed.setup(cfg.parallel, cfg.device)   # under a launcher: this rank's group and device
     if par.mode != "none":
         cfg = dataclasses.replace(cfg, device=par.device)
@@ -747,8 +741,9 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
                 lora.save_adapter(model, run.path / "adapter")
         if cfg.probes:  # robustness probes on the model after the last task (lab.probes, METHODS §8)
             from lab.probes import continual_forget, run_probes
-            run_probes(final_model, tok, cfg, run, bench=bench, forget=continual_forget(tasks, cfg.protocol),
-                       step=global_step, task=len(tasks) - 1, progress=progress)
+            distributed.on_writer_whole(final_model, par, lambda whole: run_probes(   # launcher: rank 0
+                whole, tok, cfg, run, bench=bench, forget=continual_forget(tasks, cfg.protocol),
+                step=global_step, task=len(tasks) - 1, progress=progress))
         evals = pd.DataFrame(_read_eval_records(run.path) if run.path is not None else [])
         table = task_table(evals)
         final = {k: v for k, v in table.iloc[-1].items() if pd.notna(v)} if len(table) else {}

@@ -30,8 +30,10 @@ only (`is_writer`); a failing rank stops every rank with its message (`run_all_o
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -74,6 +76,48 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launch_run(command: str, config: dict, nproc: int, runs_root) -> Path:
+    """`lab <command> --config <config>` (unlearn / continual) in `nproc` ranks started by torchrun on this
+    machine, from a process that is not under a launcher (a notebook's engine call, a script): the run
+    directory it wrote. The ranks' output streams through; a run stopped as a result (diverged) raises
+    lab.runs.RunStopped as in one process, any other failure RuntimeError with the ranks' last lines."""
+    import collections
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    from lab import runs
+    root = Path(runs_root)
+    before = set(runs.find_runs(root))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    if runs.current_experiment():   # the notebook's experiment tag reaches the ranks' config.yaml
+        env[runs.EXPERIMENT_ENV] = runs.current_experiment()
+    tail, said = collections.deque(maxlen=40), []
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "config.yaml"
+        spec.write_text(yaml.safe_dump(config, sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lab", command, "--config", str(spec), "--runs", str(root)]
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                tail.append(line)
+                if line.startswith(f"lab {command}: error:") and line not in said:   # the CLI's message, per rank
+                    said.append(line)
+    new = sorted(set(runs.find_runs(root)) - before)
+    if proc.returncode == 0 and len(new) == 1:
+        return new[0]
+    if new and runs.load_run(new[-1]).status == "diverged":
+        raise runs.RunStopped(runs.load_run(new[-1]).summary.get("error", "diverged"), status="diverged")
+    raise RuntimeError(f"lab {command} under torchrun with {nproc} ranks failed (exit {proc.returncode}, "
+                       f"{len(new)} new run directories under {root}): " + ("".join(said) or "last lines:\n" + "".join(tail)))
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def setup(mode: str = "none", device: str = "cpu") -> Parallel:
     """The Parallel for `mode`: joins the launcher's process group (nccl on CUDA, gloo on CPU; device
     cuda:LOCAL_RANK on a GPU machine). mode "none" under a launcher with several ranks is refused (every
@@ -99,7 +143,10 @@ def setup(mode: str = "none", device: str = "cpu") -> Parallel:
     else:
         device, backend = "cpu", "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        # rank-0-only work (probes, MUSE evaluation, checkpoint writes) can outlast nccl's 10-minute default
+        # while the other ranks wait in a collective
+        minutes = float(os.environ.get("LAB_DIST_TIMEOUT_MIN", "60"))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
     group = dist.group.WORLD
     return Parallel(mode, group, dist.get_rank(group), dist.get_world_size(group), local_rank, device)
 
@@ -230,6 +277,18 @@ def run_all_or_none(fn, par: Parallel | None):
     if failed:
         raise RankFailed(failed[0])
     return value
+
+
+def on_writer_whole(model, par: Parallel | None, fn):
+    """fn(whole model) on rank 0 alone, the other ranks waiting; under fsdp on an unsharded copy (its
+    gather a collective every rank joins, the copy dropped at once on the other ranks). A failure on
+    rank 0 stops every rank with its message. The robustness probes run this way under a launcher:
+    they fine-tune and quantize copies of the final model, work that splits poorly across ranks."""
+    whole = plain_copy(model, par)
+    if par is not None and par.group is not None and not par.is_writer:
+        del whole
+        return run_all_or_none(lambda: None, par)
+    return run_all_or_none(lambda: fn(whole), par)
 
 
 class NullRun:

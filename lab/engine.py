@@ -48,7 +48,7 @@ DEFAULT_LR = {"tiny": 1e-3, "smollm2-135m": 1e-5, None: 1e-5}
 INT_FIELDS = {"epochs": (1, False), "batch_size": (1, False), "max_steps": (1, True), "micro_batch_size": (1, True),
               "retain_batch_size": (1, True), "eval_limit": (1, True), "eval_every": (0, True),
               "eval_batch_size": (1, False), "diagnostics": (0, False), "warmup_steps": (0, False),
-              "max_length": (1, False)}
+              "max_length": (1, False), "nproc": (1, False)}
 
 
 @dataclasses.dataclass
@@ -85,6 +85,7 @@ class UnlearnConfig:
     save_model: bool = False                # write the unlearned weights into the run directory
     runs_root: str = "runs"
     parallel: str = "none"                  # none | ddp | fsdp: under torchrun / accelerate launch (lab.distributed)
+    nproc: int = 1                          # > 1 outside a launcher: unlearn() starts that many ranks (torchrun)
     probes: list = dataclasses.field(default_factory=list)         # lab.probes on the final model (METHODS §8)
     probe_options: dict = dataclasses.field(default_factory=dict)  # lab.probes.DEFAULTS overrides
     lora: str | dict | None = None          # peft LoRA adapters: "r=16,alpha=32,dropout=0,targets=q_proj,v_proj" (lab.lora)
@@ -108,6 +109,8 @@ class UnlearnConfig:
         get_method(self.method, **self.method_args)  # validates name and options early
         if self.parallel not in distributed.MODES:
             raise ValueError(f"parallel={self.parallel!r}; valid: {', '.join(distributed.MODES)}")
+        if self.nproc > 1 and self.parallel == "none":
+            raise ValueError(f"nproc={self.nproc} needs parallel 'ddp' or 'fsdp' (the ranks split the work)")
         from lab.lora import parse_spec
         self.lora = parse_spec(self.lora)   # recorded as the full dict (r, alpha, dropout, targets)
         if self.lora and (self.parallel == "fsdp" or get_method(self.method, **self.method_args)[0].trainable):
@@ -749,19 +752,21 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
         cfg = dataclasses.replace(config, **overrides)
     else:
         cfg = UnlearnConfig(**{**(config or {}), **overrides})
+    if cfg.nproc > 1 and not distributed.launched():   # e.g. a notebook's call: start the ranks, read the run
+        run_dir = distributed.launch_run("unlearn", dataclasses.asdict(cfg), cfg.nproc, cfg.runs_root)
+        rec = runs.load_run(run_dir)
+        return UnlearnResult(run_dir, None, None, rec.summary.get("metrics", {}), rec.trace, rec.config)
     method, args = get_method(cfg.method, **cfg.method_args)
     par = distributed.setup(cfg.parallel, cfg.device)   # under a launcher: this rank's group and device
     if par.mode != "none":
         cfg = dataclasses.replace(cfg, device=par.device)
-        if getattr(cfg, "probes", None):
-            raise ValueError("probes run in one process: leave them out under --parallel ddp|fsdp")
     model, tok, bench, reference, initial, extra = load_starting_point(cfg)
     args = fit_to_model(method, args, model)     # the config records the model-dependent defaults
     if cfg.lora:   # the gradient lists become the adapter parameters (peft freezes the base)
         model = lora.wrap(model, cfg.lora, seed=cfg.seed)
     idk = load_idk() if any(t.objective in ("idk", "dpo") for t in method.forget) else None
     autocast_dtype = getattr(torch, cfg.autocast) if cfg.autocast else None
-    config = _config_dict(cfg, method, args, bench, extra)
+    config = {**_config_dict(cfg, method, args, bench, extra), "world_size": par.world}
     final: dict = {}
     t0 = time.time()
     # rank 0 writes the run; the other ranks' run records nothing
@@ -797,10 +802,11 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
             distributed.save_pretrained(final_model, tok, run.path and run.path / "model", par)
             if cfg.lora and par.is_writer:
                 lora.save_adapter(model, run.path / "adapter")
-        if cfg.probes:  # robustness probes on the final model: one more eval record each (lab.probes)
-            from lab.probes import run_probes
-            run_probes(final_model, tok, cfg, run, bench=bench, step=state.step, progress=progress,
-                       epoch=state.trace[-1]["epoch"] if state.trace else 0)
+        if cfg.probes:  # robustness probes on the final model: one more eval record each (lab.probes);
+            from lab.probes import run_probes   # under a launcher on rank 0, on the whole model
+            distributed.on_writer_whole(final_model, par, lambda whole: run_probes(
+                whole, tok, cfg, run, bench=bench, step=state.step, progress=progress,
+                epoch=state.trace[-1]["epoch"] if state.trace else 0))
         run.write_summary(metrics=final, steps=state.step, seconds=round(time.time() - t0, 2))
     import pandas as pd
     return UnlearnResult(run.path, model, tok, final, pd.DataFrame(state.trace), config)

@@ -100,7 +100,9 @@ def _config_key(cfg: UnlearnConfig) -> str:
     if cfg.method not in ARITHMETIC_METHODS:
         method, args = get_method(cfg.method, **cfg.method_args)
         resolved = {"method": method.name, "method_args": args}
-    return json.dumps({**dataclasses.asdict(cfg), "save_model": None, **resolved}, sort_keys=True, default=str)
+    # nproc: how many ranks run it, not what runs (the same result at any world size; keys of older runs hold)
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "nproc"}
+    return json.dumps({**fields, "save_model": None, **resolved}, sort_keys=True, default=str)
 
 
 def notebook_section() -> str | None:

@@ -27,6 +27,7 @@ attack for relearn) forget ROUGE-L / Prob, delta_* = probe - unlearned and the r
 recovery_* = (probe - unlearned) / (target - unlearned). relearn adds retain_before_* and
 floor_recovery_* = (floor - retain_before) / (target - retain_before), the retain model's own gain.
 Probes run on TOFU benchmarks (their forget sets are QA with paraphrased questions).
+Under a launcher (--parallel ddp|fsdp) they run on rank 0 on the whole final model (lab.distributed.on_writer_whole).
 """
 from __future__ import annotations
 

@@ -236,7 +236,9 @@ def _continual_worker(rank, world, port, out, mode, methods, where, job):
         if job == "resume":   # `where`: the run directory to resume
             results = {"resumed": _continual_result(C.continual(resume=where, parallel=mode, progress=False), mode)}
         else:
-            results = {m: _continual_result(_run_continual(m, parallel=mode, runs_root=where), mode) for m in methods}
+            kw = {"probes": PROBES} if job == "probes" else {}
+            results = {m: _continual_result(_run_continual(m, parallel=mode, runs_root=where, **kw), mode)
+                       for m in methods}
         if rank == 0:
             torch.save(results, out)
     except Exception as e:   # noqa: BLE001 - what each rank saw is the test's subject
@@ -328,12 +330,27 @@ def test_continual_a_failing_rank_stops_every_rank(prepared_tiny, tmp_path):
     assert one == {"type": "RankFailed", "message": "rank 0: OSError: disk full"}
 
 
-def test_continual_refuses_what_a_launcher_cannot_run():
-    from lab import continual as C
-    with pytest.raises(ValueError, match="probes run in one process: leave them out under --parallel ddp|fsdp"):
-        C.continual(method="npo_rt", parallel="ddp", probes=["quant8"])
-    for method in ("alkn", "alkn_wo_dgs"):   # DGS / APM on shards (lab.alkn with the group)
-        C.check_parallel(C.ContinualConfig(method=method, parallel="fsdp"))
+PROBES = ["relearn", "quant8"]
+PROBE_KEYS = ["forget_prob", "forget_rouge", "model_utility", "unlearned_forget_prob", "target_forget_prob",
+              "floor_forget_prob", "delta_forget_prob", "recovery_prob", "relearn_loss_last"]
+
+
+@pytest.mark.slow
+def test_probes_under_fsdp_run_on_rank_0_and_match_one_process(prepared_tiny, tmp_path):
+    """Probes under a launcher: rank 0 attacks an unsharded copy of the final model, the others wait."""
+    def probe_records(recs):
+        return {r["checkpoint"]: r for r in recs if str(r["checkpoint"]).startswith("probe:")}
+
+    ref = probe_records(_continual_result(_run_continual("npo_rt", runs_root=tmp_path / "one", probes=PROBES),
+                                          "none")[1])
+    got = probe_records(_load_continual(_spawn_continual(2, "fsdp", tmp_path, ["npo_rt"], job="probes"))["npo_rt"][1])
+    assert set(ref) == set(got) == {"probe:relearn", "probe:quant8"}
+    for name, r1 in ref.items():
+        for k in PROBE_KEYS:
+            if r1.get(k) is not None:
+                assert got[name][k] == pytest.approx(r1[k], rel=1e-3, abs=1e-5), (name, k)
+    relearned = got["probe:relearn"]
+    assert relearned["relearn_loss_last"] < relearned["relearn_loss_first"]   # rank 0 really fine-tuned the copy
 
 
 # ---------------------------------------------------------------- lab prepare under a launcher (issue 17)
@@ -520,3 +537,35 @@ def test_masks_to_shards_and_back_under_fsdp(tmp_path):
     assert one["shards"] == one["local"] == [(2, 3), (2,), (0, 5), (0,)]
     assert all(torch.equal(a, b) for a, b in zip(zero["back"], zero["whole"])) and one["back"] is None
     assert "a mask of shape (3, 5) for a parameter of shape (5, 3)" in zero["error"]
+
+
+# ---------------------------------------------------------------- a notebook's engine call with nproc (issue 17)
+NPROC_RUN = dict(method="npo_gd", optimizer="sgd", lr=0.05, batch_size=4, max_steps=2, max_length=64,
+                 eval_limit=2, eval_batch_size=8)
+
+
+@pytest.mark.slow
+def test_unlearn_with_nproc_starts_the_ranks_and_gives_the_one_process_run(prepared_tiny, tmp_path):
+    from lab.engine import unlearn
+    one = unlearn(runs_root=str(tmp_path / "one"), progress=False, **NPROC_RUN)
+    two = unlearn(runs_root=str(tmp_path / "two"), progress=False, parallel="fsdp", nproc=2, **NPROC_RUN)
+    assert two.model is None and two.run_dir.parent == tmp_path / "two"
+    assert two.config["world_size"] == 2 and two.config["nproc"] == 2 and two.config["parallel"] == "fsdp"
+    for col in ("loss_f", "loss_r", "grad_norm_f", "grad_norm_r"):
+        np.testing.assert_allclose(two.trace[col], one.trace[col], rtol=1e-3, atol=1e-5, err_msg=col)
+    for k in ("forget_prob", "forget_truth_ratio", "model_utility", "forget_quality"):
+        assert two.metrics[k] == pytest.approx(one.metrics[k], rel=1e-3, abs=1e-5), k
+
+
+@pytest.mark.slow
+def test_a_failing_launched_run_raises_with_the_ranks_message(prepared_tiny, tmp_path):
+    from lab.engine import unlearn
+    with pytest.raises(RuntimeError, match=r"(?s)under torchrun with 2 ranks failed.*n_forget_authors"):
+        unlearn(runs_root=str(tmp_path), progress=False, parallel="ddp", nproc=2,
+                benchmark_kwargs={"n_forget_authors": 99}, **NPROC_RUN)
+
+
+def test_nproc_needs_a_parallel_mode():
+    from lab.engine import UnlearnConfig
+    with pytest.raises(ValueError, match="nproc=2 needs parallel 'ddp' or 'fsdp'"):
+        UnlearnConfig(nproc=2)

@@ -5,6 +5,7 @@ plotly figures inline, and run directories that lab.runs reads back."""
 import ast
 
 import nbformat
+import numpy as np
 import pytest
 
 from lab import claims, report, runs
@@ -137,3 +138,24 @@ def test_real_profiles_share_one_prepared_smollm2_entry(name):
                           **values.get("prepare_kwargs", {}))
     assert cache_keys(ours) == cache_keys(readme)
     assert values["eval_limit"] <= readme["eval_limit"]
+
+
+@pytest.mark.slow
+def test_a_notebook_runs_its_engine_calls_in_ranks_with_parallel_and_nproc(prepared_tiny, tmp_path):
+    """parallel fsdp + nproc 2: every run of the notebook is started by torchrun in 2 ranks (the probes on
+    rank 0), and the table it prints equals the one-process notebook's (world-size invariance)."""
+    cut = dict(methods=["gdiff(0.5)", "ngdiff_autolr"], run_autolr_ablation=False, run_c_sweep=False,
+               run_lr_sweep=False, probes=["quant8"], probe_methods=["ngdiff_autolr"])
+    finals = {}
+    for how in ("one", "ranks"):
+        par = {"parallel": "fsdp", "nproc": 2} if how == "ranks" else {}
+        report.run_notebook("ngdiff_mto", profile="smoke", out=tmp_path / how, runs_root=tmp_path / how / "runs",
+                            params={**cut, **par}, progress=False)
+        recs = [runs.load_run(p) for p in runs.find_runs(tmp_path / how / "runs")]
+        recs = [r for r in recs if r.config.get("kind") == "unlearn"]
+        assert {r.config.get("world_size") for r in recs} == ({2} if how == "ranks" else {1}), how
+        finals[how] = {(r.config["method"], checkpoint): g.iloc[-1][["forget_prob", "model_utility"]].to_numpy(float)
+                       for r in recs for checkpoint, g in r.evals.groupby("checkpoint") if checkpoint != "initial"}
+    assert finals["one"].keys() == finals["ranks"].keys() and ("ngdiff_autolr", "probe:quant8") in finals["one"]
+    for key, value in finals["one"].items():
+        np.testing.assert_allclose(finals["ranks"][key], value, rtol=1e-3, atol=1e-5, err_msg=str(key))
