@@ -109,8 +109,9 @@ def launch_run(command: str, config: dict, nproc: int, runs_root) -> Path:
     new = sorted(set(runs.find_runs(root)) - before)
     if proc.returncode == 0 and len(new) == 1:
         return new[0]
-    if new and runs.load_run(new[-1]).status == "diverged":
-        raise runs.RunStopped(runs.load_run(new[-1]).summary.get("error", "diverged"), status="diverged")
+    stopped = runs.load_run(new[-1]).summary if new else {}
+    if stopped.get("status") == "diverged":
+        raise runs.RunStopped(stopped.get("error", "diverged"), status="diverged")
     raise RuntimeError(f"lab {command} under torchrun with {nproc} ranks failed (exit {proc.returncode}, "
                        f"{len(new)} new run directories under {root}): " + ("".join(said) or "last lines:\n" + "".join(tail)))
 

@@ -714,9 +714,7 @@ def reference_covering(prepared_path, reference: dict, sets: dict, *, device="cp
         extra = lab_eval.score_tofu_rows(net, tok, missing, batch_size=cfg["eval_batch_size"],
                                          autocast_dtype=autocast_dtype, progress=progress, **options)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        extra.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
+        runs.atomic_write_parquet(out, extra)
     return {**reference, "rows": pd.concat([rows, extra], ignore_index=True)}
 
 
