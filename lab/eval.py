@@ -7,9 +7,10 @@
 `reference` is another evaluate() result (or the dict saved by lab.prepare) of the retain-trained
 reference model: it supplies the forget truth ratios for forget quality and the MIA AUC for PrivLeak.
 
-Throughput: answers and all perturbed answers are scored in batched forward passes (sorted by length
-to cut padding); generation is batched greedy decoding with left padding and the KV cache.
-"""
+Throughput: a prompt's keys/values are computed once and reused for its answer, paraphrase and perturbed
+answers, the tokens all prompts share (a chat template's system prompt) once per call, and targets are
+scored sorted by length; generation is greedy decoding with continuous batching over a per-slot KV cache.
+The numbers are those of the plain computation (tests/test_eval_speed.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -56,9 +57,11 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
     Min-K%++ z-score of each target token, metrics.min_k_plus_plus_z). stats may also be one bool per
     pair (dicts for those pairs only).
 
-    Pairs with the same prompt share one pass over it (its keys/values are reused for each target: a
-    question's answer, paraphrase and perturbed answers), up to batch_size targets per pass; logits are
-    taken at the target positions only. The values are those of one plain forward per pair (tests).
+    Each distinct prompt is computed once (its keys/values are reused for each of its targets: a
+    question's answer, paraphrase and perturbed answers), and the tokens every prompt starts with (a
+    chat template's system prompt) once per call. Targets are then scored sorted by length, about
+    batch_size * 64 target tokens per pass (short targets share a pass), logits taken at the target
+    positions only. The values are those of one plain forward per pair (tests).
     """
     device = next(model.parameters()).device
     want = [bool(s) for s in stats] if isinstance(stats, (list, tuple)) else [bool(stats)] * len(prompts)
@@ -71,41 +74,187 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
     for i, (p, t) in enumerate(pairs):
         if t:
             groups.setdefault(tuple(p), []).append(i)
-    chunks, cur = [], []
-    for p in sorted(groups, key=lambda p: len(p) + max(len(pairs[i][1]) for i in groups[p])):
-        for s in range(0, len(groups[p]), batch_size):
-            piece = groups[p][s:s + batch_size]
-            if cur and len(cur) + len(piece) > batch_size:
-                chunks.append(cur)
-                cur = []
-            cur += piece
-    chunks += [cur] if cur else []
-    for idx in tqdm(chunks, desc=desc, disable=not progress, leave=False):
-        keys = list(dict.fromkeys(tuple(pairs[i][0]) for i in idx))   # the distinct prompts
-        where = {p: k for k, p in enumerate(keys)}
+    plan = _scoring_plan(groups, pairs, batch_size)
+    shared = _common_prefix([list(p) for p in groups if p])
+    cache = _PromptCache()
+    if shared:
+        cache.begin("prefix")
+        first_prompt = next(p for p in groups if p)
+        _forward(model, cache, input_ids=torch.tensor([first_prompt[:shared]], device=device),
+                 attention_mask=_attention_mask(model, torch.ones(shared, shared, dtype=torch.bool,
+                                                                  device=device).tril()[None, None]),
+                 position_ids=torch.arange(shared, device=device)[None], logits_to_keep=1)
+    bar = tqdm(total=sum(len(chunks) for _, chunks in plan), desc=desc, disable=not progress, leave=False)
+    for block, chunks in plan:
         with _autocast(model, autocast_dtype):
-            logits = _target_logits(model, [list(p) for p in keys], [pairs[i][1] for i in idx],
-                                    [where[tuple(pairs[i][0])] for i in idx], device)
-        skip = [0 if pairs[i][0] else 1 for i in idx]   # no prompt: the first token has no prediction
-        counts = [len(pairs[i][1]) - s for i, s in zip(idx, skip)]
-        target = torch.tensor([x for i, s in zip(idx, skip) for x in pairs[i][1][s:]], device=device)
-        lse = torch.logsumexp(logits, -1)
-        picked = (logits.gather(1, target[:, None])[:, 0] - lse).cpu()
-        for i, x in zip(idx, picked.split(counts)):
-            out[i] = x
-        rows = [k for k, i in enumerate(idx) if want[i]]
-        if rows:
-            keep = torch.repeat_interleave(torch.tensor([want[i] for i in idx]), torch.tensor(counts)).to(device)
-            extra = _token_stats(logits[keep].sub_(lse[keep][:, None]), target[keep])
-            for k, (tg, am, mu, var) in zip(rows, zip(*(t.split([counts[k] for k in rows]) for t in extra))):
-                i = idx[k]
-                z = metrics.min_k_plus_plus_z(out[i].numpy(), mu.numpy(), var.numpy())
-                out[i] = {"logprob": out[i], "target": tg, "argmax": am, "z": torch.from_numpy(z.astype(np.float32))}
+            prompt_pass = _prompt_pass(model, cache, [list(p) for p in block], shared, device) if block[0] else None
+        where = {p: k for k, p in enumerate(block)}
+        for idx in chunks:
+            with _autocast(model, autocast_dtype):
+                logits = _target_logits(model, cache, prompt_pass, [pairs[i][1] for i in idx],
+                                        [where[tuple(pairs[i][0])] for i in idx], device)
+            _pick(logits, pairs, idx, want, out, device)
+            bar.update(1)
+    bar.close()
     for i, (p, t) in enumerate(pairs):   # nothing to score: empty tensors (and stats)
         if want[i] and not isinstance(out[i], dict):
             e = torch.zeros(0, dtype=torch.long)
             out[i] = {"logprob": out[i], "target": e, "argmax": e, "z": torch.zeros(0)}
     return out
+
+
+TARGET_TOKENS_PER_ROW = 64    # a scoring pass holds up to batch_size * 64 (padded) target tokens ...
+PROMPT_TOKENS_PER_ROW = 128   # ... after a block of prompts of up to batch_size * 128 (padded) tokens
+
+
+def _scoring_plan(groups: dict, pairs: list, batch_size: int) -> list:
+    """[(block of distinct prompts, [chunk of pair indices, ...]), ...]: prompts sorted by length into
+    blocks (one prompt pass each; the empty prompt, whole texts, alone), each block's targets sorted by
+    length into chunks (one target pass each) of at most batch_size * TARGET_TOKENS_PER_ROW padded tokens
+    (at least one target; never fewer than batch_size targets of up to 64 tokens)."""
+    plan, block = [], []
+    blocks = [[()]] if () in groups else []
+    for p in sorted((p for p in groups if p), key=len):
+        if block and (len(block) + 1) * len(p) > batch_size * PROMPT_TOKENS_PER_ROW:
+            blocks.append(block)
+            block = []
+        block.append(p)
+    blocks += [block] if block else []
+    budget = max(1, batch_size) * TARGET_TOKENS_PER_ROW
+    for block in blocks:
+        idx = sorted((i for p in block for i in groups[p]), key=lambda i: len(pairs[i][1]))
+        chunks, cur = [], []
+        for i in idx:   # ascending lengths: the newest target is the chunk's longest
+            if cur and (len(cur) + 1) * len(pairs[i][1]) > budget:
+                chunks.append(cur)
+                cur = []
+            cur.append(i)
+        chunks += [cur] if cur else []
+        plan.append((block, chunks))
+    return plan
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one token of its own (0 for < 2)."""
+    if len(seqs) < 2:
+        return 0
+    first, n = seqs[0], min(map(len, seqs)) - 1
+    k = 0
+    while k < n and all(s[k] == first[k] for s in seqs):
+        k += 1
+    return k
+
+
+class _PromptCache:
+    """KV cache (duck-typed for HF's `cache=`) of the scoring passes. mode "prefix": store the keys/values
+    of the tokens all prompts share; "prompts": a block of prompt rests runs after that prefix (each row
+    prepends it) and each prompt's whole keys/values are stored; "targets": target rows run after their
+    prompt's stored keys/values (`rows`: the block prompt of each target row)."""
+
+    def __init__(self):
+        self.prefix_k, self.prefix_v, self.k, self.v = [], [], [], []
+        self.mode, self.rows = "prefix", None
+
+    def begin(self, mode: str, rows=None) -> None:
+        self.mode, self.rows = mode, rows
+        if mode == "prompts":
+            self.k, self.v = [], []
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.mode == "prefix":
+            self.prefix_k.append(key)
+            self.prefix_v.append(value)
+            return key, value
+        if self.mode == "prompts":
+            if self.prefix_k:
+                n = key.shape[0]
+                key = torch.cat([self.prefix_k[layer_idx].expand(n, -1, -1, -1), key], 2)
+                value = torch.cat([self.prefix_v[layer_idx].expand(n, -1, -1, -1), value], 2)
+            self.k.append(key)
+            self.v.append(value)
+            return key, value
+        return (torch.cat([self.k[layer_idx][self.rows], key], 2),
+                torch.cat([self.v[layer_idx][self.rows], value], 2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.mode == "prefix":
+            return 0
+        if self.mode == "prompts":
+            return self.prefix_k[0].shape[2] if self.prefix_k else 0
+        return self.k[0].shape[2] if self.k else 0
+
+
+def _prompt_pass(model, cache, prompts: list[list[int]], shared: int, device) -> dict:
+    """Run a block of prompts (their first `shared` tokens already in the cache) into the cache, left-padded
+    so each ends at the last column: {"first": logits predicting each prompt's first target token
+    [n, vocab], "start": each prompt's first own column, "length": each prompt's length}."""
+    rest = [p[shared:] for p in prompts]
+    width = max(map(len, rest))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rest], device=device)
+    start = torch.tensor([width - len(r) for r in rest], device=device)
+    cols = torch.arange(width, device=device)
+    allowed = (cols[:, None] >= cols[None, :]) & (cols[None, None, :] >= start[:, None, None])
+    if shared:   # every row sees the shared prefix (padding rows too: no empty softmax)
+        allowed = torch.cat([allowed.new_ones(len(rest), width, shared), allowed], -1)
+    else:
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
+    cache.begin("prompts")
+    first = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
+                     position_ids=shared + (cols[None, :] - start[:, None]).clamp(min=0), logits_to_keep=1)
+    return {"first": first.float(), "start": start, "length": torch.tensor([len(p) for p in prompts], device=device),
+            "shared": shared}
+
+
+def _target_logits(model, cache, prompt_pass, targets: list[list[int]], row_prompt: list[int], device):
+    """Logits predicting every scored target token ([tokens, vocab], float32, pair-major) of targets after
+    the block prompts of `prompt_pass` (row_prompt[r]: the prompt of target r), with the prompts' stored
+    keys/values; prompt_pass None: whole texts (no prompt), whose first token is left unscored as a plain
+    forward leaves it."""
+    span = max(map(len, targets))
+    ids = torch.tensor([t + [0] * (span - len(t)) for t in targets], device=device)
+    cols = torch.arange(span, device=device)
+    allowed = (cols[:, None] >= cols[None, :]).expand(len(targets), span, span)
+    if prompt_pass is None:
+        logits = model(input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
+                       position_ids=cols[None, :].expand(len(targets), -1)).logits
+        return torch.cat([logits[r, :len(t) - 1].float() for r, t in enumerate(targets)])
+    g = torch.tensor(row_prompt, device=device)
+    start, shared = prompt_pass["start"][g], prompt_pass["shared"]
+    width = cache.k[0].shape[2] - shared
+    seen = torch.arange(width, device=device)[None, :] >= start[:, None]   # each row's own prompt columns
+    parts = [seen[:, None, :].expand(-1, span, -1), allowed]
+    if shared:
+        parts.insert(0, allowed.new_ones(len(targets), span, shared))
+    cache.begin("targets", rows=g)
+    logits = model(input_ids=ids, attention_mask=_attention_mask(model, torch.cat(parts, -1)[:, None]),
+                   position_ids=prompt_pass["length"][g][:, None] + cols[None, :], use_cache=True,
+                   **_cache_arg(model, cache)).logits
+    first = prompt_pass["first"]
+    parts = []
+    for r, t in enumerate(targets):
+        parts.append(first[row_prompt[r]:row_prompt[r] + 1])
+        parts.append(logits[r, :len(t) - 1].float())
+    return torch.cat(parts)
+
+
+def _pick(logits, pairs, idx, want, out, device) -> None:
+    """Into out[i] for the pairs idx of one pass: the log-prob of each target token (and the stats dicts
+    where want[i]) from that pass's target logits."""
+    skip = [0 if pairs[i][0] else 1 for i in idx]   # no prompt: the first token has no prediction
+    counts = [len(pairs[i][1]) - s for i, s in zip(idx, skip)]
+    target = torch.tensor([x for i, s in zip(idx, skip) for x in pairs[i][1][s:]], device=device)
+    lse = torch.logsumexp(logits, -1)
+    picked = (logits.gather(1, target[:, None])[:, 0] - lse).cpu()
+    for i, x in zip(idx, picked.split(counts)):
+        out[i] = x
+    rows = [k for k, i in enumerate(idx) if want[i]]
+    if rows:
+        keep = torch.repeat_interleave(torch.tensor([want[i] for i in idx]), torch.tensor(counts)).to(device)
+        extra = _token_stats(logits[keep].sub_(lse[keep][:, None]), target[keep])
+        for k, (tg, am, mu, var) in zip(rows, zip(*(t.split([counts[k] for k in rows]) for t in extra))):
+            i = idx[k]
+            z = metrics.min_k_plus_plus_z(out[i].numpy(), mu.numpy(), var.numpy())
+            out[i] = {"logprob": out[i], "target": tg, "argmax": am, "z": torch.from_numpy(z.astype(np.float32))}
 
 
 def _token_stats(logp, target):
@@ -120,26 +269,6 @@ def _token_stats(logp, target):
     return target.cpu(), argmax.cpu(), mu.double().cpu(), var.double().cpu()
 
 
-class _PrefixCache:
-    """KV cache (duck-typed for HF's `cache=`) that scores many targets after one shared prompt: the prompt
-    pass stores each layer's keys/values; the target pass prepends them, row-expanded (`rows`: the prompt
-    of each target row), so a question's prefix is computed once for its answer, paraphrase and perturbations."""
-
-    def __init__(self):
-        self.k, self.v, self.rows = [], [], None
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        if self.rows is None:
-            self.k.append(key)
-            self.v.append(value)
-            return key, value
-        return (torch.cat([self.k[layer_idx][self.rows], key], 2),
-                torch.cat([self.v[layer_idx][self.rows], value], 2))
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.rows is None else self.k[0].shape[2]
-
-
 def _pair_ids(enc) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, target ids) of each row of an encode_pairs batch (its truncation and EOS included)."""
     out = []
@@ -151,48 +280,14 @@ def _pair_ids(enc) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def _target_logits(model, prompts: list[list[int]], targets: list[list[int]], row_prompt: list[int], device):
-    """Logits predicting every scored target token ([tokens, vocab], float32, pair-major) for targets that
-    share `prompts` (row_prompt[r]: the prompt of target r): one pass over the prompts, then one over the
-    targets with the prompts' keys/values. An empty prompt (a whole text) leaves its first token unscored,
-    as a plain forward does."""
-    width = max(map(len, prompts))
-    cache = _PrefixCache()
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    g = torch.tensor(row_prompt, device=device)
-    first = None
-    if width:
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-        start = width - lengths
-        cols = torch.arange(width, device=device)
-        allowed = (cols[:, None] >= cols[None, :]) & (cols[None, None, :] >= start[:, None, None])
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
-        first = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
-                         position_ids=(cols[None, :] - start[:, None]).clamp(min=0), logits_to_keep=1).float()
-        cache.rows = g
-    span = max(map(len, targets))
-    ids = torch.tensor([t + [0] * (span - len(t)) for t in targets], device=device)
-    cols = torch.arange(span, device=device)
-    allowed = (cols[:, None] >= cols[None, :]).expand(len(targets), 1, span, span)
-    if width:
-        seen = (torch.arange(width, device=device)[None, :] >= (width - lengths)[g][:, None])
-        allowed = torch.cat([seen[:, None, None, :].expand(-1, 1, span, -1), allowed], -1)
-    logits = model(input_ids=ids, attention_mask=_attention_mask(model, allowed),
-                   position_ids=lengths[g][:, None] + cols[None, :], use_cache=True, **_cache_arg(model, cache)).logits
-    parts = []
-    for r, t in enumerate(targets):   # targets are not empty (token_logprobs skips those)
-        if len(prompts[row_prompt[r]]):
-            parts.append(first[row_prompt[r]:row_prompt[r] + 1])
-        parts.append(logits[r, :len(t) - 1].float())
-    return torch.cat(parts)
-
-
 class _SlotCache:
     """KV cache of the decode loop (duck-typed for HF's `cache=`): per layer one preallocated
     [slots, kv_heads, capacity, head_dim] buffer. Slot j holds batch row j, its tokens in columns
     [start_j, length_j) (left padding before). A decode step writes each row's new key/value at that row's
     own column, so rows of different lengths share a batch, and a finished row's slot takes the next
-    prompt (continuous batching) while the others stay where they are: no per-step concatenation."""
+    prompt (continuous batching) while the others stay where they are: no per-step concatenation.
+    Columns [0, shared) of every slot hold the tokens all prompts start with (a chat template's system
+    prompt), computed once (`share_prefix`); a prompt's own tokens follow after its padding."""
 
     def __init__(self, slots: int, capacity: int):
         self.slots, self.capacity = slots, capacity
@@ -200,6 +295,7 @@ class _SlotCache:
         self.rows = slice(0, 0)   # the slots this forward reads and writes
         self.cols = None          # decode: write column per row ([B] tensor); prefill: None (columns 0..q-1)
         self.width = 0            # decode: columns attention reads
+        self.shared = 0           # columns [0, shared) of every slot: the common prefix
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         if layer_idx == len(self.k):  # first forward: allocate this layer's buffers
@@ -207,16 +303,27 @@ class _SlotCache:
             self.k.append(key.new_zeros(shape))
             self.v.append(value.new_zeros(shape))
         k, v = self.k[layer_idx], self.v[layer_idx]
-        if self.cols is None:
-            q = key.shape[2]
-            k[self.rows, :, :q], v[self.rows, :, :q] = key, value
-            return key, value
+        if self.cols is None:   # prefill: columns shared..shared+q-1, after the common prefix
+            q, s = key.shape[2], self.shared
+            k[self.rows, :, s:s + q], v[self.rows, :, s:s + q] = key, value
+            return (key, value) if not s else (k[self.rows, :, :s + q], v[self.rows, :, :s + q])
         b = torch.arange(self.rows.start, self.rows.stop, device=key.device)
         k[b, :, self.cols], v[b, :, self.cols] = key[:, :, 0], value[:, :, 0]
         return k[self.rows, :, :self.width], v[self.rows, :, :self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.cols is None else self.width - 1
+        return self.shared if self.cols is None else self.width - 1
+
+    def share_prefix(self, model, prefix: list[int], device) -> None:
+        """The keys/values of `prefix` into columns [0, len(prefix)) of every slot (one forward)."""
+        n = len(prefix)
+        self.rows, self.cols, self.shared = slice(0, 1), None, 0
+        _forward(model, self, input_ids=torch.tensor([prefix], device=device), logits_to_keep=1,
+                 attention_mask=_attention_mask(model, torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]),
+                 position_ids=torch.arange(n, device=device)[None])
+        for k, v in zip(self.k, self.v):
+            k[1:, :, :n], v[1:, :, :n] = k[:1, :, :n], v[:1, :, :n]
+        self.shared = n
 
     def move(self, src: int, dst: int, width: int) -> None:
         for k, v in zip(self.k, self.v):
@@ -242,17 +349,36 @@ def _forward(model, cache, **kw):
 
 
 def _prefill(model, cache, seqs, first_slot, pad_id, device):
-    """Left-padded prompts into slots first_slot.., their first greedy token."""
-    width = max(map(len, seqs))
+    """Prompt rests (after the cache's shared prefix), left-padded, into slots first_slot..; their first
+    greedy token."""
+    width, shared = max(map(len, seqs)), cache.shared
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
     start = torch.tensor([width - len(s) for s in seqs], device=device)
     cols = torch.arange(width, device=device)
     allowed = (cols[:, None] >= cols[None, :]) & (cols[None, None, :] >= start[:, None, None])
-    allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
+    if shared:   # every row sees the shared prefix (padding rows too: no empty softmax)
+        allowed = torch.cat([allowed.new_ones(len(seqs), width, shared), allowed], -1)
+    else:
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
     cache.rows, cache.cols = slice(first_slot, first_slot + len(seqs)), None
     logits = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
-                      position_ids=(cols[None, :] - start[:, None]).clamp(min=0), logits_to_keep=1)
+                      position_ids=shared + (cols[None, :] - start[:, None]).clamp(min=0), logits_to_keep=1)
     return logits.argmax(-1)
+
+
+PREFILL_TOKENS = 1024   # padded prompt tokens per prefill pass: a refill of many prompts is cut by length
+
+
+def _prefill_pieces(lengths: list[int]) -> list[list[int]]:
+    """Indices of `lengths` (descending) in runs of at most PREFILL_TOKENS padded tokens (>= 1 each):
+    prompts of similar length share a prefill pass, so short ones are not padded to the longest."""
+    pieces, cur = [], []
+    for k, n in enumerate(lengths):
+        if cur and (len(cur) + 1) * lengths[cur[0]] > PREFILL_TOKENS:
+            pieces.append(cur)
+            cur = []
+        cur.append(k)
+    return pieces + [cur] if cur else pieces
 
 
 @torch.no_grad()
@@ -261,7 +387,8 @@ def greedy_decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, eo
     """Greedy continuation token ids of each prompt (EOS included when emitted), in input order.
 
     Continuous batching: up to batch_size rows decode together; a row leaves the batch at its EOS (or at
-    max_new_tokens) and the next prompt takes its slot, so no step is spent on finished rows. Each row
+    max_new_tokens) and the next prompt takes its slot, so no step is spent on finished rows; the tokens
+    all prompts start with are computed once (_SlotCache.share_prefix). Each row
     computes exactly what model.generate computes for it alone (same positions, masked padding); batch
     neighbours change float rounding only, which can flip a greedy choice only at a near-tie of logits."""
     device = next(model.parameters()).device
@@ -273,17 +400,21 @@ def greedy_decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, eo
     cache = _SlotCache(slots, max(map(len, prompt_ids)) + max_new_tokens)
     rows, start, length = [], [], []   # per slot: row index, first column of its tokens, columns filled
     nxt = torch.zeros(slots, dtype=torch.long, device=device)   # each slot's token not yet in the cache
+    shared = _common_prefix(prompt_ids)   # e.g. the chat template's system prompt: computed once
     bar = tqdm(total=len(prompt_ids), desc=desc, disable=not progress, leave=False)
     with _autocast(model, autocast_dtype):
+        if shared:
+            cache.share_prefix(model, prompt_ids[0][:shared], device)
         while queue or rows:
             if queue and len(rows) < slots:   # refill free slots from the queue
                 new = [queue.pop() for _ in range(min(slots - len(rows), len(queue)))]
-                seqs = [prompt_ids[i] for i in new]
-                nxt[len(rows):len(rows) + len(new)] = _prefill(model, cache, seqs, len(rows), pad_token_id, device)
-                width = max(map(len, seqs))
-                rows += new
-                start += [width - len(s) for s in seqs]
-                length += [width] * len(new)
+                for piece in _prefill_pieces([len(prompt_ids[i]) - shared for i in new]):   # longest first
+                    seqs = [prompt_ids[new[k]][shared:] for k in piece]
+                    nxt[len(rows):len(rows) + len(seqs)] = _prefill(model, cache, seqs, len(rows), pad_token_id, device)
+                    width = len(seqs[0])
+                    rows += [new[k] for k in piece]
+                    start += [shared + width - len(s) for s in seqs]
+                    length += [shared + width] * len(seqs)
             tokens = nxt[:len(rows)].tolist()   # the one host sync per step
             done = []
             for j, (i, t) in enumerate(zip(rows, tokens)):
@@ -305,10 +436,12 @@ def greedy_decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, eo
             first = torch.tensor(start, device=device)
             cols = torch.arange(width, device=device)
             allowed = (cols[None, :] >= first[:, None]) & (cols[None, :] <= at[:, None])
+            if shared:
+                allowed[:, :shared] = True
             cache.rows, cache.cols, cache.width = slice(0, b), at, width
             logits = _forward(model, cache, input_ids=nxt[:b, None],
                               attention_mask=_attention_mask(model, allowed[:, None, None]),
-                              position_ids=(at - first)[:, None])
+                              position_ids=(shared + at - first)[:, None])
             nxt[:b] = logits.argmax(-1)
             length = [n + 1 for n in length]
     bar.close()

@@ -93,6 +93,10 @@ def test_greedy_decode_random_model_and_edge_cases():
     model, tok = load_model("tiny")
     prompts = ["Question: a\nAnswer:", "Question: a much longer question here\nAnswer:", "Question: b\nAnswer:"]
     _check_greedy(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    # prompts sharing a start (computed once), one of them all start; and prompts sharing nothing
+    _check_greedy(model, tok, ["Question: a", "Question: a much longer one", "Question: a b"], max_new_tokens=8,
+                  batch_size=2)
+    _check_greedy(model, tok, ["alpha", "beta gamma"], max_new_tokens=8, batch_size=2)
     assert greedy_decode(model, [], max_new_tokens=5, eos_token_id=tok.eos_token_id) == []
     assert greedy_decode(model, [[1, 2, 3]], max_new_tokens=0, eos_token_id=tok.eos_token_id) == [[]]
 
@@ -142,18 +146,44 @@ def test_scores_equal_the_unbatched_computation(prepared_tiny):
 
 
 def test_scoring_computes_each_prompt_once(prepared_tiny):
-    """A question's answer, paraphrase and perturbed answers share one pass over its prompt."""
+    """A question's answer, paraphrase and perturbed answers share one pass over its prompt, and the
+    tokens all prompts start with are computed once per call."""
     model, tok = prepared_tiny.load("target")
     prompts, targets = _pairs(prepared_tiny.benchmark.eval_sets["forget"], tok, 2)
+    enc = encode_prompts(tok, prompts)
+    ids = [r[m.bool()].tolist() for r, m in zip(enc["input_ids"], enc["attention_mask"])]
+    distinct = list(dict.fromkeys(map(tuple, ids)))
+    shared = next(k for k in range(len(distinct[0])) if distinct[0][k] != distinct[1][k])
+    assert shared > 0   # "Question:" at least
     seen, handle = _count_rows(model)
     try:
         token_logprobs(model, tok, prompts, targets, batch_size=len(prompts), add_eos=True)
     finally:
         handle.remove()
-    prompt_len = encode_prompts(tok, prompts)["input_ids"].shape[1]
-    assert seen[0] == (2, prompt_len)            # one pass over the 2 distinct prompts (left-padded) ...
-    assert [b for b, _ in seen[1:]] == [len(targets)]   # ... then one over all 14 targets after them
-    assert seen[1][1] < encode_pairs(tok, prompts, targets)["input_ids"].shape[1] - prompt_len // 2
+    assert seen[0] == (1, shared)                                       # the shared start, once
+    assert seen[1] == (2, max(len(p) for p in distinct) - shared)       # the 2 distinct prompts' rests, once
+    assert sum(b for b, _ in seen[2:]) == len(targets)                  # then every target once, after them
+    pair_len = encode_pairs(tok, prompts, targets)["input_ids"].shape[1]
+    assert all(t < pair_len - shared for _, t in seen[2:])              # no target pass re-runs a prompt
+
+
+def test_scoring_sorts_targets_by_length_into_token_budgets(prepared_tiny):
+    """Targets are scored in length order, a pass holding up to batch_size * 64 padded target tokens: short
+    targets share a pass (fewer passes than batch_size rows each would need) and the values do not move."""
+    model, tok = prepared_tiny.load("target")
+    ds = prepared_tiny.benchmark.eval_sets["forget"]
+    prompts, targets = _pairs(ds, tok, 4)
+    short = [t.split()[0] for t in targets]   # one-word targets: many fit one pass
+    seen, handle = _count_rows(model)
+    try:
+        got = token_logprobs(model, tok, prompts, short, batch_size=4, add_eos=True)
+    finally:
+        handle.remove()
+    target_passes = seen[2:]
+    assert len(target_passes) < len(short) / 4
+    assert all(b * t <= 4 * 64 for b, t in target_passes)
+    for p, t, g in zip(prompts, short, got):
+        assert torch.allclose(g, _unbatched(model, tok, p, t, True), atol=1e-5, rtol=0), (p, t)
 
 
 @pytest.mark.slow
