@@ -81,8 +81,7 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
         cache.begin("prefix")
         first_prompt = next(p for p in groups if p)
         _forward(model, cache, input_ids=torch.tensor([first_prompt[:shared]], device=device),
-                 attention_mask=_attention_mask(model, torch.ones(shared, shared, dtype=torch.bool,
-                                                                  device=device).tril()[None, None]),
+                 attention_mask=_attention_mask(model, _causal(shared, device)),
                  position_ids=torch.arange(shared, device=device)[None], logits_to_keep=1)
     bar = tqdm(total=sum(len(chunks) for _, chunks in plan), desc=desc, disable=not progress, leave=False)
     for block, chunks in plan:
@@ -184,6 +183,26 @@ class _PromptCache:
         return self.k[0].shape[2] if self.k else 0
 
 
+def _causal(n: int, device) -> torch.Tensor:
+    """[1, 1, n, n] boolean causal mask (a lone sequence: the shared prompt start)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def _left_padded(lengths: list[int], shared: int, device) -> tuple:
+    """Mask, first own column and position ids of prompt rests of `lengths`, left-padded to the longest,
+    after `shared` cached columns every row sees: (allowed [n, 1, width, shared + width], start [n],
+    position_ids [n, width])."""
+    width = max(lengths)
+    start = torch.tensor([width - n for n in lengths], device=device)
+    cols = torch.arange(width, device=device)
+    allowed = (cols[:, None] >= cols[None, :]) & (cols[None, None, :] >= start[:, None, None])
+    if shared:   # every row sees the shared prefix (padding rows too: no empty softmax)
+        allowed = torch.cat([allowed.new_ones(len(lengths), width, shared), allowed], -1)
+    else:
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
+    return allowed[:, None], start, shared + (cols[None, :] - start[:, None]).clamp(min=0)
+
+
 def _prompt_pass(model, cache, prompts: list[list[int]], shared: int, device) -> dict:
     """Run a block of prompts (their first `shared` tokens already in the cache) into the cache, left-padded
     so each ends at the last column: {"first": logits predicting each prompt's first target token
@@ -191,16 +210,10 @@ def _prompt_pass(model, cache, prompts: list[list[int]], shared: int, device) ->
     rest = [p[shared:] for p in prompts]
     width = max(map(len, rest))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rest], device=device)
-    start = torch.tensor([width - len(r) for r in rest], device=device)
-    cols = torch.arange(width, device=device)
-    allowed = (cols[:, None] >= cols[None, :]) & (cols[None, None, :] >= start[:, None, None])
-    if shared:   # every row sees the shared prefix (padding rows too: no empty softmax)
-        allowed = torch.cat([allowed.new_ones(len(rest), width, shared), allowed], -1)
-    else:
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
+    allowed, start, positions = _left_padded(list(map(len, rest)), shared, device)
     cache.begin("prompts")
-    first = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
-                     position_ids=shared + (cols[None, :] - start[:, None]).clamp(min=0), logits_to_keep=1)
+    first = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed),
+                     position_ids=positions, logits_to_keep=1)
     return {"first": first.float(), "start": start, "length": torch.tensor([len(p) for p in prompts], device=device),
             "shared": shared}
 
@@ -319,7 +332,7 @@ class _SlotCache:
         n = len(prefix)
         self.rows, self.cols, self.shared = slice(0, 1), None, 0
         _forward(model, self, input_ids=torch.tensor([prefix], device=device), logits_to_keep=1,
-                 attention_mask=_attention_mask(model, torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]),
+                 attention_mask=_attention_mask(model, _causal(n, device)),
                  position_ids=torch.arange(n, device=device)[None])
         for k, v in zip(self.k, self.v):
             k[1:, :, :n], v[1:, :, :n] = k[:1, :, :n], v[:1, :, :n]
@@ -351,18 +364,12 @@ def _forward(model, cache, **kw):
 def _prefill(model, cache, seqs, first_slot, pad_id, device):
     """Prompt rests (after the cache's shared prefix), left-padded, into slots first_slot..; their first
     greedy token."""
-    width, shared = max(map(len, seqs)), cache.shared
+    width = max(map(len, seqs))
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-    start = torch.tensor([width - len(s) for s in seqs], device=device)
-    cols = torch.arange(width, device=device)
-    allowed = (cols[:, None] >= cols[None, :]) & (cols[None, None, :] >= start[:, None, None])
-    if shared:   # every row sees the shared prefix (padding rows too: no empty softmax)
-        allowed = torch.cat([allowed.new_ones(len(seqs), width, shared), allowed], -1)
-    else:
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)   # padding rows see themselves: no NaN
+    allowed, _, positions = _left_padded(list(map(len, seqs)), cache.shared, device)
     cache.rows, cache.cols = slice(first_slot, first_slot + len(seqs)), None
-    logits = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
-                      position_ids=shared + (cols[None, :] - start[:, None]).clamp(min=0), logits_to_keep=1)
+    logits = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed),
+                      position_ids=positions, logits_to_keep=1)
     return logits.argmax(-1)
 
 
