@@ -78,11 +78,8 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
     shared = _common_prefix([list(p) for p in groups if p])
     cache = _PromptCache()
     if shared:
-        cache.begin("prefix")
-        first_prompt = next(p for p in groups if p)
-        _forward(model, cache, input_ids=torch.tensor([first_prompt[:shared]], device=device),
-                 attention_mask=_attention_mask(model, _causal(shared, device)),
-                 position_ids=torch.arange(shared, device=device)[None], logits_to_keep=1)
+        with _autocast(model, autocast_dtype):
+            cache.share_prefix(model, list(next(p for p in groups if p)[:shared]), device)
     bar = tqdm(total=sum(len(chunks) for _, chunks in plan), desc=desc, disable=not progress, leave=False)
     for block, chunks in plan:
         with _autocast(model, autocast_dtype):
@@ -154,6 +151,10 @@ class _PromptCache:
         self.prefix_k, self.prefix_v, self.k, self.v = [], [], [], []
         self.mode, self.rows = "prefix", None
 
+    def share_prefix(self, model, prefix: list[int], device) -> None:
+        self.begin("prefix")
+        _forward_alone(model, self, prefix, device)
+
     def begin(self, mode: str, rows=None) -> None:
         self.mode, self.rows = mode, rows
         if mode == "prompts":
@@ -183,9 +184,12 @@ class _PromptCache:
         return self.k[0].shape[2] if self.k else 0
 
 
-def _causal(n: int, device) -> torch.Tensor:
-    """[1, 1, n, n] boolean causal mask (a lone sequence: the shared prompt start)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
+def _forward_alone(model, cache, ids: list[int], device) -> None:
+    """One lone sequence (the prompts' shared start) into `cache`: positions 0.., causal mask."""
+    n = len(ids)
+    _forward(model, cache, input_ids=torch.tensor([ids], device=device), logits_to_keep=1,
+             attention_mask=_attention_mask(model, torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]),
+             position_ids=torch.arange(n, device=device)[None])
 
 
 def _left_padded(lengths: list[int], shared: int, device) -> tuple:
@@ -331,9 +335,7 @@ class _SlotCache:
         """The keys/values of `prefix` into columns [0, len(prefix)) of every slot (one forward)."""
         n = len(prefix)
         self.rows, self.cols, self.shared = slice(0, 1), None, 0
-        _forward(model, self, input_ids=torch.tensor([prefix], device=device), logits_to_keep=1,
-                 attention_mask=_attention_mask(model, _causal(n, device)),
-                 position_ids=torch.arange(n, device=device)[None])
+        _forward_alone(model, self, prefix, device)
         for k, v in zip(self.k, self.v):
             k[1:, :, :n], v[1:, :, :n] = k[:1, :, :n], v[:1, :, :n]
         self.shared = n
