@@ -29,6 +29,7 @@ only (`is_writer`); a failing rank stops every rank with its message (`run_all_o
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -148,6 +149,9 @@ def setup(mode: str = "none", device: str = "cpu") -> Parallel:
         # while the other ranks wait in a collective
         minutes = float(os.environ.get("LAB_DIST_TIMEOUT_MIN", "60"))
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
+        # a process leaving with its group alive can abort at exit (gloo's worker threads are torn down with
+        # the interpreter: "terminate called without an active exception", SIGABRT after a finished run)
+        atexit.register(_destroy_at_exit)
     group = dist.group.WORLD
     return Parallel(mode, group, dist.get_rank(group), dist.get_world_size(group), local_rank, device)
 
@@ -161,6 +165,11 @@ def from_group(group, mode="ddp") -> Parallel:
 
 def teardown(par: Parallel | None):
     if par is not None and par.group is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _destroy_at_exit():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
