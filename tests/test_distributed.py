@@ -569,3 +569,22 @@ def test_nproc_needs_a_parallel_mode():
     from lab.engine import UnlearnConfig
     with pytest.raises(ValueError, match="nproc=2 needs parallel 'ddp' or 'fsdp'"):
         UnlearnConfig(nproc=2)
+
+
+def test_a_process_that_joined_a_group_destroys_it_before_exit():
+    # gloo's worker threads torn down with the interpreter abort a finished rank ("terminate called without
+    # an active exception", SIGABRT: a fresh-clone CI run of the nproc test). An exit hook registered BEFORE
+    # setup runs AFTER setup's own (atexit is last in, first out) and sees whether the group is gone.
+    import subprocess
+    import sys
+    script = ("import atexit, torch, torch.distributed as dist\n"
+              "atexit.register(lambda: print('alive at exit:', dist.is_initialized(), flush=True))\n"
+              "from lab import distributed\n"
+              "par = distributed.setup('ddp')\n"
+              "t = torch.ones(2); dist.all_reduce(t, group=par.group)\n"
+              "print('world', par.world, 'sum', t.tolist(), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_ENV}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "world 1 sum [1.0, 1.0]" in out.stdout
+    assert "alive at exit: False" in out.stdout, out.stdout
