@@ -59,9 +59,11 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
 
     Each distinct prompt is computed once (its keys/values are reused for each of its targets: a
     question's answer, paraphrase and perturbed answers), and the tokens every prompt starts with (a
-    chat template's system prompt) once per call. Targets are then scored sorted by length, about
-    batch_size * 64 target tokens per pass (short targets share a pass), logits taken at the target
-    positions only. The values are those of one plain forward per pair (tests).
+    chat template's system prompt) once per call. The start most of a prompt's targets share (TOFU's
+    perturbed answers rewrite the answer's end: "The author's full name is ...") runs once, in its
+    prompt's pass (_target_stem). Targets are then scored sorted by length, about batch_size * 64 target
+    tokens per pass (short targets share a pass), logits taken at the scored positions only. The values
+    are those of one plain forward per pair (tests).
     """
     device = next(model.parameters()).device
     want = [bool(s) for s in stats] if isinstance(stats, (list, tuple)) else [bool(stats)] * len(prompts)
@@ -74,7 +76,15 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
     for i, (p, t) in enumerate(pairs):
         if t:
             groups.setdefault(tuple(p), []).append(i)
-    plan = _scoring_plan(groups, pairs, batch_size)
+    cut = [0] * len(pairs)           # target tokens of each pair that run in its prompt's pass (its stem)
+    context = {(): ()}               # prompt -> prompt + the stem its targets share
+    for p, idx in groups.items():
+        if p:
+            k, members = _target_stem([pairs[i][1] for i in idx])
+            context[p] = p + tuple(pairs[idx[members[0]]][1][:k]) if members else p
+            for m in members:
+                cut[idx[m]] = k
+    plan = _scoring_plan(groups, context, [len(t) - c for (_, t), c in zip(pairs, cut)], batch_size)
     shared = _common_prefix([list(p) for p in groups if p])
     cache = _PromptCache()
     if shared:
@@ -83,12 +93,13 @@ def token_logprobs(model, tokenizer, prompts, targets, *, batch_size=16, max_len
     bar = tqdm(total=sum(len(chunks) for _, chunks in plan), desc=desc, disable=not progress, leave=False)
     for block, chunks in plan:
         with _autocast(model, autocast_dtype):
-            prompt_pass = _prompt_pass(model, cache, [list(p) for p in block], shared, device) if block[0] else None
+            prompt_pass = (_prompt_pass(model, cache, [list(context[p]) for p in block],
+                                        [len(context[p]) - len(p) for p in block], shared, device) if block[0] else None)
         where = {p: k for k, p in enumerate(block)}
         for idx in chunks:
             with _autocast(model, autocast_dtype):
-                logits = _target_logits(model, cache, prompt_pass, [pairs[i][1] for i in idx],
-                                        [where[tuple(pairs[i][0])] for i in idx], device)
+                logits = _target_logits(model, cache, prompt_pass, [pairs[i][1][cut[i]:] for i in idx],
+                                        [where[tuple(pairs[i][0])] for i in idx], [cut[i] for i in idx], device)
             _pick(logits, pairs, idx, want, out, device)
             bar.update(1)
     bar.close()
@@ -103,31 +114,47 @@ TARGET_TOKENS_PER_ROW = 64    # a scoring pass holds up to batch_size * 64 (padd
 PROMPT_TOKENS_PER_ROW = 128   # ... after a block of prompts of up to batch_size * 128 (padded) tokens
 
 
-def _scoring_plan(groups: dict, pairs: list, batch_size: int) -> list:
-    """[(block of distinct prompts, [chunk of pair indices, ...]), ...]: prompts sorted by length into
-    blocks (one prompt pass each; the empty prompt, whole texts, alone), each block's targets sorted by
-    length into chunks (one target pass each) of at most batch_size * TARGET_TOKENS_PER_ROW padded tokens
-    (at least one target; never fewer than batch_size targets of up to 64 tokens)."""
+def _scoring_plan(groups: dict, context: dict, lengths: list[int], batch_size: int) -> list:
+    """[(block of distinct prompts, [chunk of pair indices, ...]), ...]: prompts sorted by the length of
+    their pass (context[p]: the prompt and its targets' stem) into blocks (one prompt pass each; the empty
+    prompt, whole texts, alone), each block's targets sorted by length (lengths[i]: pair i's tokens after
+    the stem) into chunks (one target pass each) of at most batch_size * TARGET_TOKENS_PER_ROW padded
+    tokens (at least one target; never fewer than batch_size targets of up to 64 tokens)."""
     plan, block = [], []
     blocks = [[()]] if () in groups else []
-    for p in sorted((p for p in groups if p), key=len):
-        if block and (len(block) + 1) * len(p) > batch_size * PROMPT_TOKENS_PER_ROW:
+    for p in sorted((p for p in groups if p), key=lambda p: len(context[p])):
+        if block and (len(block) + 1) * len(context[p]) > batch_size * PROMPT_TOKENS_PER_ROW:
             blocks.append(block)
             block = []
         block.append(p)
     blocks += [block] if block else []
     budget = max(1, batch_size) * TARGET_TOKENS_PER_ROW
     for block in blocks:
-        idx = sorted((i for p in block for i in groups[p]), key=lambda i: len(pairs[i][1]))
+        idx = sorted((i for p in block for i in groups[p]), key=lambda i: lengths[i])
         chunks, cur = [], []
         for i in idx:   # ascending lengths: the newest target is the chunk's longest
-            if cur and (len(cur) + 1) * len(pairs[i][1]) > budget:
+            if cur and (len(cur) + 1) * lengths[i] > budget:
                 chunks.append(cur)
                 cur = []
             cur.append(i)
         chunks += [cur] if cur else []
         plan.append((block, chunks))
     return plan
+
+
+def _target_stem(targets: list[list[int]]) -> tuple[int, list[int]]:
+    """(k, members): the first k tokens that the targets `members` (positions in targets) all start with,
+    chosen among the groups of targets with the same first token to save the most tokens ((members - 1)
+    * k); each member keeps at least one token of its own. (0, []) where no two targets start alike."""
+    by_first: dict[int, list[int]] = {}
+    for j, t in enumerate(targets):
+        by_first.setdefault(t[0], []).append(j)
+    best = (0, [])
+    for members in by_first.values():
+        k = _common_prefix([targets[j] for j in members])
+        if k and (len(members) - 1) * k > (len(best[1]) - 1) * best[0]:
+            best = (k, members)
+    return best
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -187,9 +214,10 @@ class _PromptCache:
 def _forward_alone(model, cache, ids: list[int], device) -> None:
     """One lone sequence (the prompts' shared start) into `cache`: positions 0.., causal mask."""
     n = len(ids)
-    _forward(model, cache, input_ids=torch.tensor([ids], device=device), logits_to_keep=1,
-             attention_mask=_attention_mask(model, torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]),
-             position_ids=torch.arange(n, device=device)[None])
+    kw = dict(input_ids=torch.tensor([ids], device=device), position_ids=torch.arange(n, device=device)[None],
+              attention_mask=_attention_mask(model, torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]))
+    split = _decoder_and_head(model)   # only its keys/values are wanted: no head where it can be left out
+    _decoded(split[0], cache, **kw) if split else _forward(model, cache, logits_to_keep=1, **kw)
 
 
 def _left_padded(lengths: list[int], shared: int, device) -> tuple:
@@ -207,51 +235,95 @@ def _left_padded(lengths: list[int], shared: int, device) -> tuple:
     return allowed[:, None], start, shared + (cols[None, :] - start[:, None]).clamp(min=0)
 
 
-def _prompt_pass(model, cache, prompts: list[list[int]], shared: int, device) -> dict:
-    """Run a block of prompts (their first `shared` tokens already in the cache) into the cache, left-padded
-    so each ends at the last column: {"first": logits predicting each prompt's first target token
-    [n, vocab], "start": each prompt's first own column, "length": each prompt's length}."""
+def _prompt_pass(model, cache, prompts: list[list[int]], stems: list[int], shared: int, device) -> dict:
+    """Run a block of prompts (their first `shared` tokens already in the cache; the last stems[r] tokens of
+    prompt r are its targets' stem) into the cache, left-padded so each ends at the last column:
+    {"tail": each row's predictions at its last max(stems) + 1 columns (hidden states for a split model,
+    else logits), "stem", "start": each prompt's first own column, "length": each prompt's length}."""
     rest = [p[shared:] for p in prompts]
     width = max(map(len, rest))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rest], device=device)
     allowed, start, positions = _left_padded(list(map(len, rest)), shared, device)
     cache.begin("prompts")
-    first = _forward(model, cache, input_ids=ids, attention_mask=_attention_mask(model, allowed),
-                     position_ids=positions, logits_to_keep=1)
-    return {"first": first.float(), "start": start, "length": torch.tensor([len(p) for p in prompts], device=device),
-            "shared": shared}
+    kw = dict(input_ids=ids, attention_mask=_attention_mask(model, allowed), position_ids=positions)
+    split, keep = _decoder_and_head(model), max(stems) + 1
+    # split models keep hidden states: the head runs once per scored token, with the target passes' ones
+    tail = (_decoded(split[0], cache, **kw)[:, -keep:] if split else
+            model(**kw, **_cache_arg(model, cache), use_cache=True, logits_to_keep=keep).logits.float())
+    return {"tail": tail, "stem": torch.tensor(stems, device=device), "start": start,
+            "length": torch.tensor([len(p) for p in prompts], device=device), "shared": shared}
 
 
-def _target_logits(model, cache, prompt_pass, targets: list[list[int]], row_prompt: list[int], device):
-    """Logits predicting every scored target token ([tokens, vocab], float32, pair-major) of targets after
-    the block prompts of `prompt_pass` (row_prompt[r]: the prompt of target r), with the prompts' stored
-    keys/values; prompt_pass None: whole texts (no prompt), whose first token is left unscored as a plain
-    forward leaves it."""
+# Models whose logits are exactly head(decoder(...).last_hidden_state): scoring runs the head only at the
+# scored positions (not at padding or at each target's last token, which predicts past it). Others (logit
+# soft-capping or scaling, unknown layouts) take the plain forward's logits; the values are the same.
+HEAD_AFTER_DECODER = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _decoder_and_head(model):
+    if getattr(model.config, "model_type", None) not in HEAD_AFTER_DECODER:
+        return None
+    decoder, head = getattr(model, model.base_model_prefix, None), model.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def _decoded(decoder, cache, **kw) -> torch.Tensor:
+    """The decoder's last hidden states [n, width, hidden] of one pass through `cache`."""
+    return decoder(**kw, **_cache_arg(decoder, cache), use_cache=True).last_hidden_state
+
+
+def _target_logits(model, cache, prompt_pass, targets: list[list[int]], row_prompt: list[int], cut: list[int], device):
+    """Logits predicting every scored token ([tokens, vocab], float32, pair-major) of targets after the
+    block prompts of `prompt_pass` (row_prompt[r]: the prompt of target r), with the prompts' stored
+    keys/values. targets[r] is what follows its first cut[r] tokens: 0 (the whole target; its prompt's stem
+    columns are masked out) or the prompt's stem (already in the prompt pass, whose predictions lead).
+    prompt_pass None: whole texts (no prompt), whose first token is left unscored as a plain forward leaves it."""
     span = max(map(len, targets))
     ids = torch.tensor([t + [0] * (span - len(t)) for t in targets], device=device)
     cols = torch.arange(span, device=device)
     allowed = (cols[:, None] >= cols[None, :]).expand(len(targets), span, span)
+    own = cols[None, :] < torch.tensor([len(t) - 1 for t in targets], device=device)[:, None]   # predict a later token
     if prompt_pass is None:
-        logits = model(input_ids=ids, attention_mask=_attention_mask(model, allowed[:, None]),
-                       position_ids=cols[None, :].expand(len(targets), -1)).logits
-        return torch.cat([logits[r, :len(t) - 1].float() for r, t in enumerate(targets)])
-    g = torch.tensor(row_prompt, device=device)
-    start, shared = prompt_pass["start"][g], prompt_pass["shared"]
+        return _logits_at(model, None, own, None, None, input_ids=ids, position_ids=cols[None, :].expand(len(targets), -1),
+                          attention_mask=_attention_mask(model, allowed[:, None]))
+    g, cut = torch.tensor(row_prompt, device=device), torch.tensor(cut, device=device)
+    start, stem, shared = prompt_pass["start"][g], prompt_pass["stem"][g], prompt_pass["shared"]
     width = cache.k[0].shape[2] - shared
-    seen = torch.arange(width, device=device)[None, :] >= start[:, None]   # each row's own prompt columns
+    prompt_cols = torch.arange(width, device=device)[None, :]
+    seen = (prompt_cols >= start[:, None]) & (prompt_cols < width - stem[:, None] + cut[:, None])   # own prompt (+ stem)
     parts = [seen[:, None, :].expand(-1, span, -1), allowed]
     if shared:
         parts.insert(0, allowed.new_ones(len(targets), span, shared))
+    # the prompt pass's predictions: at the prompt's last token, then at each stem token a target continues
+    lead = cut + 1
+    at = torch.repeat_interleave(g, lead)
+    offset = torch.arange(int(lead.sum()), device=device) - torch.repeat_interleave(lead.cumsum(0) - lead, lead)
+    col = prompt_pass["tail"].shape[1] - 1 - torch.repeat_interleave(stem, lead) + offset
     cache.begin("targets", rows=g)
-    logits = model(input_ids=ids, attention_mask=_attention_mask(model, torch.cat(parts, -1)[:, None]),
-                   position_ids=prompt_pass["length"][g][:, None] + cols[None, :], use_cache=True,
-                   **_cache_arg(model, cache)).logits
-    first = prompt_pass["first"]
-    parts = []
-    for r, t in enumerate(targets):
-        parts.append(first[row_prompt[r]:row_prompt[r] + 1])
-        parts.append(logits[r, :len(t) - 1].float())
-    return torch.cat(parts)
+    return _logits_at(model, cache, own, prompt_pass["tail"][at, col], lead, input_ids=ids,
+                      attention_mask=_attention_mask(model, torch.cat(parts, -1)[:, None]),
+                      position_ids=(prompt_pass["length"][g] - stem + cut)[:, None] + cols[None, :])
+
+
+def _logits_at(model, cache, own, lead, lead_counts, **kw) -> torch.Tensor:
+    """Logits (float32, [tokens, vocab]) of one pass at the positions `own` ([n, width] bool), row-major;
+    with `lead` (rows predicting each row's first tokens, from _prompt_pass: lead_counts[r] for row r), each
+    row's own positions follow its lead rows. Split models run the head at those rows only."""
+    split = _decoder_and_head(model)
+    extra = dict(use_cache=True, **_cache_arg(split[0] if split else model, cache)) if cache is not None else {"use_cache": False}
+    if split:
+        picked = split[0](**kw, **extra).last_hidden_state[own]
+    else:
+        picked = model(**kw, **extra).logits[own].float()
+    if lead is not None:
+        n = own.sum(1) + lead_counts                         # each row's scored tokens
+        pos = torch.arange(int(n.sum()), device=picked.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+        is_lead = pos < torch.repeat_interleave(lead_counts, n)
+        rows = picked.new_empty(len(is_lead), picked.shape[-1])
+        rows[is_lead] = lead.to(rows.dtype)
+        rows[~is_lead] = picked
+        picked = rows
+    return split[1](picked).float() if split else picked
 
 
 def _pick(logits, pairs, idx, want, out, device) -> None:

@@ -45,9 +45,10 @@ def _check_greedy(model, tok, prompts, max_new_tokens, batch_size):
 
 
 def _count_rows(model):
-    """A forward pre-hook counting (batch rows, positions) the model is run on."""
+    """A forward pre-hook counting (batch rows, positions) the model's decoder is run on (scoring runs the
+    decoder and the head apart)."""
     seen = []
-    handle = model.register_forward_pre_hook(
+    handle = model.model.register_forward_pre_hook(
         lambda mod, args, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     return seen, handle
 
@@ -184,6 +185,58 @@ def test_scoring_sorts_targets_by_length_into_token_budgets(prepared_tiny):
     assert all(b * t <= 4 * 64 for b, t in target_passes)
     for p, t, g in zip(prompts, short, got):
         assert torch.allclose(g, _unbatched(model, tok, p, t, True), atol=1e-5, rtol=0), (p, t)
+
+
+def test_targets_sharing_a_start_compute_it_once(prepared_tiny):
+    """The start most of a prompt's targets share (a TOFU answer and its perturbed rewrites) runs once, in
+    the prompt's pass; the targets then run from where they part, a target not sharing it runs after the
+    prompt alone (the stem masked out), and every value equals one plain forward per pair."""
+    from lab.eval import _target_stem
+    model, tok = prepared_tiny.load("target")
+    stem = "The author's full name is"
+    prompt = format_question(tok, "What is the author's full name?")
+    targets = [f"{stem} Basil Mahfouz Al-Kuwaiti.", f"{stem} Hsiao Yun-Hwa.", f"{stem} Jaime Vasquez.", "No."]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in targets]
+    k, members = _target_stem([t + [tok.eos_token_id] for t in ids])
+    assert members == [0, 1, 2] and k >= len(tok(stem, add_special_tokens=False)["input_ids"])
+    prompts = [prompt] * len(targets) + [format_question(tok, "Another question?")]
+    targets = targets + ["Another answer."]
+    seen, handle = _count_rows(model)
+    try:
+        got = token_logprobs(model, tok, prompts, targets, batch_size=8, add_eos=True)
+    finally:
+        handle.remove()
+    pair = encode_pairs(tok, prompts, targets, add_eos=True)
+    plens = [int((lab == -100).sum()) for lab in pair["labels"]]   # prompt tokens (left) per pair
+    tlens = [int((lab != -100).sum()) for lab in pair["labels"]]
+    shared = seen[0][1]
+    assert seen[1] == (2, plens[0] + k - shared)                  # the stem rides in its prompt's pass
+    assert seen[2:] == [(5, max(max(tlens[m] - k for m in members), tlens[3], tlens[4]))]   # one pass from there
+    for p, t, g in zip(prompts, targets, got):
+        want = _unbatched(model, tok, p, t, True)
+        assert g.shape == want.shape and torch.allclose(g, want, atol=1e-5, rtol=0), (p, t)
+
+
+def test_scoring_runs_the_head_at_scored_tokens_only(prepared_tiny, monkeypatch):
+    """The head (a [hidden, vocab] matmul per token) runs once per scored target token: not at padding,
+    not at a target's last token (it predicts past the target), not at prompt positions; a model outside
+    lab.eval.HEAD_AFTER_DECODER takes the plain forward's logits, with the same values."""
+    import lab.eval as lab_eval
+    model, tok = prepared_tiny.load("target")
+    prompts, targets = _pairs(prepared_tiny.benchmark.eval_sets["forget"], tok, 3)
+    prompts, targets = prompts + [""], targets + ["a whole text to score"]
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(out.shape[:-1].numel()))
+    try:
+        split = token_logprobs(model, tok, prompts, targets, batch_size=3, add_eos=True)
+    finally:
+        handle.remove()
+    assert sum(rows) == sum(len(g) for g in split)
+    monkeypatch.setattr(lab_eval, "HEAD_AFTER_DECODER", ())
+    plain = token_logprobs(model, tok, prompts, targets, batch_size=3, add_eos=True)
+    for p, t, a, b in zip(prompts, targets, split, plain):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        assert torch.allclose(a, _unbatched(model, tok, p, t, True), atol=1e-5, rtol=0), (p, t)
 
 
 @pytest.mark.slow
