@@ -268,8 +268,12 @@ def _decoder_and_head(model):
 
 
 def _decoded(decoder, cache, **kw) -> torch.Tensor:
-    """The decoder's last hidden states [n, width, hidden] of one pass through `cache`."""
-    return decoder(**kw, **_cache_arg(decoder, cache), use_cache=True).last_hidden_state
+    """The decoder's last hidden states [n, width, hidden] of one pass through `cache` (None: no cache)."""
+    return decoder(**kw, **_cached(decoder, cache)).last_hidden_state
+
+
+def _cached(module, cache) -> dict:
+    return dict(use_cache=True, **_cache_arg(module, cache)) if cache is not None else {"use_cache": False}
 
 
 def _target_logits(model, cache, prompt_pass, targets: list[list[int]], row_prompt: list[int], cut: list[int], device):
@@ -310,11 +314,10 @@ def _logits_at(model, cache, own, lead, lead_counts, **kw) -> torch.Tensor:
     with `lead` (rows predicting each row's first tokens, from _prompt_pass: lead_counts[r] for row r), each
     row's own positions follow its lead rows. Split models run the head at those rows only."""
     split = _decoder_and_head(model)
-    extra = dict(use_cache=True, **_cache_arg(split[0] if split else model, cache)) if cache is not None else {"use_cache": False}
     if split:
-        picked = split[0](**kw, **extra).last_hidden_state[own]
+        picked = _decoded(split[0], cache, **kw)[own]
     else:
-        picked = model(**kw, **extra).logits[own].float()
+        picked = model(**kw, **_cached(model, cache)).logits[own].float()
     if lead is not None:
         n = own.sum(1) + lead_counts                         # each row's scored tokens
         pos = torch.arange(int(n.sum()), device=picked.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
