@@ -611,6 +611,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         args.func(args)
+        if "lab.distributed" in sys.modules:   # a launched rank: leave with the others (not for `lab runs`)
+            sys.modules["lab.distributed"].finish()
     except BrokenPipeError:   # `lab runs show X | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

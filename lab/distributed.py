@@ -105,18 +105,32 @@ def launch_run(command: str, config: dict, nproc: int, runs_root) -> Path:
             for line in proc.stdout:
                 print(line, end="", flush=True)
                 tail.append(line)
-                if line.startswith(f"lab {command}: error:") and line not in said:   # the CLI's message, per rank
+                # the CLI's message per rank, and a rank's abort (its lines scroll away under torchrun's report)
+                if line.startswith((f"lab {command}: error:", *RANK_DIED)) and line not in said:
                     said.append(line)
-    new = sorted(set(runs.find_runs(root)) - before)
+    new = new_runs(root, before, command)
     if proc.returncode == 0 and len(new) == 1:
         return new[0]
     stopped = runs.load_run(new[-1]).summary if new else {}
     if stopped.get("status") == "diverged":
         raise runs.RunStopped(stopped.get("error", "diverged"), status="diverged")
+    cli_said = any(line.startswith(f"lab {command}: error:") for line in said)
     raise RuntimeError(f"lab {command} under torchrun with {nproc} ranks failed (exit {proc.returncode}, "
-                       f"{len(new)} new run directories under {root}): " + ("".join(said) or "last lines:\n" + "".join(tail)))
+                       f"{len(new)} new {command} runs under {root}): " + "".join(said)
+                       + ("" if cli_said else "last lines:\n" + "".join(tail)))
 
 
+_JOINED = False   # setup() initialised the process group (finish() ends it; a group a caller made is theirs)
+
+
+def new_runs(root, before, kind: str) -> list:
+    """The run directories of `kind` under root not in `before`: a launched command's own run (a prepare
+    run it had to write first, for a model not yet in the cache, lies beside it)."""
+    from lab import runs
+    return [d for d in runs.find_runs(root) if d not in before and runs.load_run(d).config.get("kind") == kind]
+
+
+RANK_DIED = ("terminate called", "Fatal Python error", "Segmentation fault")
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -124,6 +138,7 @@ def setup(mode: str = "none", device: str = "cpu") -> Parallel:
     """The Parallel for `mode`: joins the launcher's process group (nccl on CUDA, gloo on CPU; device
     cuda:LOCAL_RANK on a GPU machine). mode "none" under a launcher with several ranks is refused (every
     rank would run the whole job and write its own run)."""
+    global _JOINED
     if mode not in MODES:
         raise ValueError(f"--parallel {mode!r}; valid: {', '.join(MODES)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -152,6 +167,7 @@ def setup(mode: str = "none", device: str = "cpu") -> Parallel:
         # a process leaving with its group alive can abort at exit (gloo's worker threads are torn down with
         # the interpreter: "terminate called without an active exception", SIGABRT after a finished run)
         atexit.register(_destroy_at_exit)
+        _JOINED = True
     group = dist.group.WORLD
     return Parallel(mode, group, dist.get_rank(group), dist.get_world_size(group), local_rank, device)
 
@@ -163,14 +179,39 @@ def from_group(group, mode="ddp") -> Parallel:
     return Parallel(mode, group, dist.get_rank(group), dist.get_world_size(group))
 
 
-def teardown(par: Parallel | None):
-    if par is not None and par.group is not None and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(par: Parallel | None, timeout_s: float = 600.0, wait: bool = True):
+    """The clean end of a process in a group: every rank waits for the others, then the group is destroyed.
+    A rank that leaves while another is still at work can abort at exit ("terminate called without an
+    active exception", SIGABRT: 7 of 60 two-rank torchrun starts where rank 0 left 1 s after rank 1, none
+    of 60 with this barrier), and the launcher then kills the one still working; PyTorch's own
+    distributed tests end the same way. Only after success: a failed rank exits at once (non-zero) and
+    the launcher stops the others (wait=False: destroy without meeting, for a rank on its way out with an
+    error)."""
+    if par is None or par.group is None or not dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not wait:
+        pass
+    elif dist.get_backend() == "gloo":   # names the rank that did not come, instead of waiting the group timeout
+        dist.monitored_barrier(timeout=timeout)
+    else:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _destroy_at_exit():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish():
+    """teardown() of the group setup() joined (the end of `lab unlearn / continual / prepare` under
+    torchrun: the CLI calls it after the command succeeded); a no-op when setup() made no group (one
+    that a caller initialised is theirs)."""
+    global _JOINED
+    if _JOINED and dist.is_initialized():
+        teardown(Parallel("ddp", dist.group.WORLD))
+    _JOINED = False
 
 
 def _free_port():

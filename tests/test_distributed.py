@@ -71,8 +71,10 @@ def _worker(rank, world, port, out, mode, methods, kw, job):
         torch.save({"rank_failed": str(e)}, f"{out}.{rank}")
     except ValueError as e:
         torch.save({"own": str(e)}, f"{out}.{rank}")
-    finally:
-        distributed.teardown(par)
+    except BaseException:   # an unexpected failure: leave without waiting for the others (mp.spawn stops them)
+        distributed.teardown(par, wait=False)
+        raise
+    distributed.teardown(par)
 
 
 def _spawn(world, mode, tmp_path, job="loop", methods=(), **kw):
@@ -523,8 +525,10 @@ def _mask_roundtrip_worker(rank, world, port, out):
         parts = distributed.all_gather_objects(res, par)
         if rank == 0:
             torch.save(parts, out)
-    finally:
-        distributed.teardown(par)
+    except BaseException:
+        distributed.teardown(par, wait=False)
+        raise
+    distributed.teardown(par)
 
 
 @pytest.mark.slow
@@ -588,3 +592,52 @@ def test_a_process_that_joined_a_group_destroys_it_before_exit():
     assert out.returncode == 0, out.stderr
     assert "world 1 sum [1.0, 1.0]" in out.stdout
     assert "alive at exit: False" in out.stdout, out.stdout
+
+
+def test_finish_lets_no_rank_leave_before_the_others_and_ends_the_group():
+    # `lab unlearn` under torchrun: a rank that left while rank 0 still wrote the run aborted in gloo's teardown
+    # (SIGABRT, torchrun then killed rank 0). finish() is the meeting point of a clean end: rank 1 cannot pass it
+    # before rank 0 (kept busy here) arrives; ordering of printed events, no speed.
+    import subprocess
+    import sys
+    import tempfile
+    script = ("import time, torch.distributed as dist\n"
+              "from lab import distributed\n"
+              "par = distributed.setup('ddp')\n"
+              "if par.rank == 0:\n"
+              "    time.sleep(3); print('arrives', par.rank, time.time(), flush=True)\n"
+              "distributed.finish()\n"
+              "print('left', par.rank, time.time(), dist.is_initialized(), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_ENV}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "finish.py")
+        with open(path, "w") as f:
+            f.write(script)
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              path], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    events = {tuple(line.split()[:2]): line.split()[2:] for line in out.stdout.splitlines()
+              if line.startswith(("arrives", "left"))}
+    assert float(events[("left", "1")][0]) >= float(events[("arrives", "0")][0]), out.stdout
+    assert events[("left", "0")][1] == events[("left", "1")][1] == "False", out.stdout   # group destroyed
+
+
+def test_finish_leaves_a_group_the_caller_made():
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        distributed.finish()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_launched_commands_run_is_the_new_one_of_its_kind(tmp_path):
+    # a launched unlearn that had to prepare its model first leaves two new directories: the run is the unlearn
+    import yaml
+    for name, kind in (("a-prepare", "prepare"), ("b-unlearn", "unlearn"), ("c-old-unlearn", "unlearn")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"kind": kind}))
+    before = {tmp_path / "c-old-unlearn"}
+    assert distributed.new_runs(tmp_path, before, "unlearn") == [tmp_path / "b-unlearn"]
+    assert distributed.new_runs(tmp_path, before, "continual") == []
