@@ -187,14 +187,14 @@ def teardown(par: Parallel | None, timeout_s: float = 600.0, wait: bool = True):
     distributed tests end the same way. Only after success: a failed rank exits at once (non-zero) and
     the launcher stops the others (wait=False: destroy without meeting, for a rank on its way out with an
     error)."""
-    if par is None or par.group is None or not dist.is_initialized():
-        return
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if not wait:
-        pass
-    elif dist.get_backend() == "gloo":   # names the rank that did not come, instead of waiting the group timeout
-        dist.monitored_barrier(timeout=timeout)
-    else:
+    if par is not None and par.group is not None and dist.is_initialized():
+        _leave(wait, timeout_s)
+
+
+def _leave(wait: bool, timeout_s: float):
+    if wait and dist.get_backend() == "gloo":   # names a rank that did not come, not a bare group timeout
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+    elif wait:
         dist.barrier()
     dist.destroy_process_group()
 
@@ -210,7 +210,7 @@ def finish():
     that a caller initialised is theirs)."""
     global _JOINED
     if _JOINED and dist.is_initialized():
-        teardown(Parallel("ddp", dist.group.WORLD))
+        _leave(True, 600.0)
     _JOINED = False
 
 
