@@ -601,13 +601,16 @@ def test_finish_lets_no_rank_leave_before_the_others_and_ends_the_group():
     import subprocess
     import sys
     import tempfile
-    script = ("import time, torch.distributed as dist\n"
+    # each event is one os.write: the ranks share torchrun's stdout, where print's separate writes interleave
+    # ("leftleft 1 ... \n 0 ...": seen in make test)
+    script = ("import os, time, torch.distributed as dist\n"
               "from lab import distributed\n"
+              "say = lambda *parts: os.write(1, (' '.join(map(str, parts)) + '\\n').encode())\n"
               "par = distributed.setup('ddp')\n"
               "if par.rank == 0:\n"
-              "    time.sleep(3); print('arrives', par.rank, time.time(), flush=True)\n"
+              "    time.sleep(3); say('arrives', par.rank, time.time())\n"
               "distributed.finish()\n"
-              "print('left', par.rank, time.time(), dist.is_initialized(), flush=True)\n")
+              "say('left', par.rank, time.time(), dist.is_initialized())\n")
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_ENV}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "finish.py")
