@@ -129,7 +129,7 @@ REAL_ON_LR_1E4 = {"alkn_continual", "blur_bilevel", "gru_rectification"}
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "00_quickstart"])
-def test_real_profiles_share_one_prepared_smollm2_entry(name):
+def test_real_profiles_start_from_their_documented_smollm2_prepare(name):
     """Every paper notebook's `real` profile starts from a documented cached SmolLM2 prepare (README "Real
     model": `lab prepare --model smollm2-135m --bench-opt n_retain_authors=5 n_forget_authors=5 extras=false
     --set eval_limit=30`, the default recipe; or the same at lr=1e-4 for REAL_ON_LR_1E4), and its runs score
