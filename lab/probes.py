@@ -443,6 +443,10 @@ def robustness_claims(table: pd.DataFrame, threshold: float = 0.1, metric: str =
                   f"retain model {floor:.3f}); recovery {rec:.3f}")
         if r["probe"] == "relearn" and pd.notna(r.get(f"floor_recovery_{metric}")):
             detail += f"; the same attack gives the retain model {r[f'floor_recovery_{metric}']:.3f} of its own gap"
+        # MU beside the forget score: a probe that lowers both damaged the model rather than confirming forgetting
+        mu, probe_mu = r.get("model_utility"), r.get("probe_model_utility")
+        if mu is not None and probe_mu is not None and pd.notna(mu) and pd.notna(probe_mu):
+            detail += f"; model utility {mu:.3f} -> {probe_mu:.3f} under the probe"
         holds = None if tgt - unl < min_gap else rec <= threshold
         if holds is None:
             detail = f"the run did not forget these rows (target - unlearned < {min_gap}); " + detail

@@ -125,7 +125,7 @@ def test_gru_gpu_profile_sets_tau_per_base_as_gru_appendix_d():
 
 # real profiles whose committed reports ran on the SmolLM2 prepare at lr 1e-4 (the default before lr 3e-4);
 # each pins that recipe until it is re-executed on the default one
-REAL_ON_LR_1E4 = {"alkn_continual", "blur_bilevel", "gru_rectification"}
+REAL_ON_LR_1E4 = {"alkn_continual"}
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "00_quickstart"])

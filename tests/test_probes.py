@@ -13,6 +13,7 @@ import torch
 
 from lab import probes, runs, runs_views
 from lab.data import format_question
+from lab.experiments import VERDICTS
 
 
 # ---------------------------------------------------------------- quantization by hand
@@ -107,6 +108,23 @@ def test_recovery_fraction_and_forget_means():
                          "prob": [0.1, 0.3, 1.0]})
     assert probes.forget_means(rows, [7, 8]) == pytest.approx({"rouge": 0.3, "prob": 0.2})
     assert probes.forget_means(rows, [7, 9]) is None                # rows not covered: evaluate instead
+
+
+def test_robustness_claims_verdicts_thresholds_and_model_utility_in_the_detail():
+    def row(probe, unl, after, tgt, mu=0.5, probe_mu=0.4, floor_rec=None):
+        return {"run_id": f"r-{probe}", "label": "NPO", "probe": probe, "unlearned_forget_rouge": unl,
+                "forget_rouge": after, "target_forget_rouge": tgt, "floor_forget_rouge": 0.3,
+                "recovery_rouge": probes.recovery(after, unl, tgt), "floor_recovery_rouge": floor_rec,
+                "model_utility": mu, "probe_model_utility": probe_mu}
+    table = pd.DataFrame([row("quant4", 0.2, 0.25, 0.9),            # recovery 0.071 <= 0.1: holds
+                          row("relearn", 0.2, 0.41, 0.9, floor_rec=0.2),   # 0.3 > 0.1: does not hold
+                          row("fewshot", 0.88, 0.9, 0.9, probe_mu=None)])  # gap 0.02 < min_gap: not testable
+    quant, relearn, fewshot = probes.robustness_claims(table, threshold=0.1, labels={"r-quant4": "GRU"})
+    assert quant["claim"].startswith("GRU: forgetting survives") and quant["verdict"] == VERDICTS[True]
+    assert "recovery 0.071" in quant["detail"] and "model utility 0.500 -> 0.400 under the probe" in quant["detail"]
+    assert relearn["verdict"] == VERDICTS[False] and "retain model 0.200 of its own gap" in relearn["detail"]
+    assert fewshot["verdict"] == VERDICTS[None] and "did not forget" in fewshot["detail"]
+    assert "model utility" not in fewshot["detail"]                 # no probed MU: nothing invented
 
 
 # ---------------------------------------------------------------- real probes on the tiny models
