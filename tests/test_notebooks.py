@@ -35,6 +35,17 @@ def test_stored_without_outputs_with_one_literal_parameters_cell(name):
     assert all(c.get("id") for c in nb.cells)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_papermill_reads_every_parameter_of_the_parameters_cell(name):
+    """papermill's own inspection finds every parameter (a second '=' on a line, even in its comment, makes
+    it skip the line and warn 'Passed unknown parameter' when a profile sets it)."""
+    from papermill.translators import PythonTranslator
+    nb = nbformat.read(report.notebook_path(name), as_version=4)
+    index, source = report.parameters_cell(nb, name)
+    seen = {p.name for p in PythonTranslator.inspect(nb.cells[index])}
+    assert seen == set(report.parse_parameters(source, name)), sorted(set(report.parse_parameters(source, name)) - seen)
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("name", NAMES)
 def test_every_profile_file_exists_and_names_only_parameters(name, profile):
