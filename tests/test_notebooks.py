@@ -98,6 +98,12 @@ def test_smoke_profile_executes(name, prepared_tiny, tmp_path):
         for rec in tofu:
             util = rec.evals[rec.evals["eval_task"].isna() & ~rec.evals["checkpoint"].str.startswith("probe:")]
             assert "model_utility_trouge" in util and util["model_utility_trouge"].notna().all(), rec.path
+        # the probes ride on the table's own sequential runs (no second run of a headline method)
+        values = {**report.notebook_parameters(name), **report.profile_parameters(name, "smoke")}
+        sequential = [r.config["method"] for r in tofu if r.config.get("protocol") == "sequential"]
+        assert sorted(sequential) == sorted(set(sequential)), sequential
+        probed = {r.config["method"] for r in tofu if not r.probe_evals.empty}
+        assert probed == set(values["probe_methods"]) and values["probes"], (probed, values["probe_methods"])
     if name in claims.PAPERS and name != "00_quickstart":   # every paper notebook feeds the claims ledger
         ledger = claims.load(tmp_path / f"{name}-smoke.claims.json")
         assert ledger["claims"] and ledger["profile"] == "smoke" and ledger["notebook"] == name
