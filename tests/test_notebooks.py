@@ -140,23 +140,17 @@ def test_gru_gpu_profile_sets_tau_per_base_as_gru_appendix_d():
     assert set(tau.values()) == {0.001}
 
 
-# real profiles whose committed reports ran on the SmolLM2 prepare at lr 1e-4 (the default before lr 3e-4);
-# each pins that recipe until it is re-executed on the default one
-REAL_ON_LR_1E4 = {"alkn_continual"}
-
-
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "00_quickstart"])
 def test_real_profiles_start_from_their_documented_smollm2_prepare(name):
     """Every paper notebook's `real` profile starts from a documented cached SmolLM2 prepare (README "Real
     model": `lab prepare --model smollm2-135m --bench-opt n_retain_authors=5 n_forget_authors=5 extras=false
-    --set eval_limit=30`, the default recipe; or the same at lr=1e-4 for REAL_ON_LR_1E4), and its runs score
-    rows that prepare's evaluations hold (so no notebook fine-tunes or re-evaluates the starting point)."""
+    --set eval_limit=30`, the default recipe), and its runs score rows that prepare's evaluations hold (so no
+    notebook fine-tunes or re-evaluates the starting point)."""
     from lab.prepare import cache_keys, prepare_config
     values = report.profile_parameters(name, "real")
     assert values["model"] == "smollm2-135m" and values["benchmark"] == "tofu_subset"
-    recipe = {"lr": 1e-4} if name in REAL_ON_LR_1E4 else {}
     readme = prepare_config("smollm2-135m", "tofu_subset", {"n_retain_authors": 5, "n_forget_authors": 5,
-                                                            "extras": False}, eval_limit=30, **recipe)
+                                                            "extras": False}, eval_limit=30)
     ours = prepare_config(values["model"], values["benchmark"], values["benchmark_kwargs"],
                           **values.get("prepare_kwargs", {}))
     assert cache_keys(ours) == cache_keys(readme)
