@@ -140,6 +140,9 @@ def cmd_runs(args) -> None:
         with pd.option_context("display.width", 200, "display.max_colwidth", 60):
             print(df.drop(columns=["path"]).to_string(index=False))
         return
+    if args.action == "robustness":
+        print(robustness_markdown(args.root))
+        return
     if not args.run:
         raise ValueError("name a run: lab runs show RUN (see `lab runs`)")
     rec = runs.load_run(_run_path(args.run, args.root))
@@ -158,6 +161,32 @@ def cmd_runs(args) -> None:
         with pd.option_context("display.width", 200, "display.max_columns", 40):
             print(rec.evals.set_index([c for c in ("checkpoint", "task", "step") if c in rec.evals]).T
                   .to_string(float_format=lambda x: f"{x:.4g}"))
+
+
+def robustness_markdown(root) -> str:
+    """A markdown table of every probe record under root (lab.runs_views.robustness_table): per run and
+    probe, model utility and forget ROUGE-L / Prob unlearned -> probed, target and retain floor, recovery."""
+    import pandas as pd
+    from lab import runs, runs_views
+    records = [runs.load_run(p) for p in runs.find_runs(root)]
+    table = runs_views.robustness_table(records)
+    if table.empty:
+        raise ValueError(f"no robustness probe records under {root}/ (run with --probes, or lab probe RUN)")
+
+    def num(v, fmt=".3f"):
+        return "" if v is None or pd.isna(v) else format(v, fmt)
+    lines = ["| run | method | probe | rows | MU unlearned -> probed | forget ROUGE-L unlearned -> probed "
+             "(target, retain floor) | recovery ROUGE-L | forget Prob unlearned -> probed | recovery Prob |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        floor = f"; retain model: {num(r['floor_recovery_rouge'])}" if pd.notna(r["floor_recovery_rouge"]) else ""
+        lines.append(
+            f"| {r['run_id']} | {r['label']} | {r['probe']} | {num(r['probe_rows'], '.0f')} "
+            f"| {num(r['model_utility'])} -> {num(r['probe_model_utility'])} "
+            f"| {num(r['unlearned_forget_rouge'])} -> {num(r['forget_rouge'])} ({num(r['target_forget_rouge'])}, "
+            f"{num(r['floor_forget_rouge'])}) | {num(r['recovery_rouge'])}{floor} "
+            f"| {num(r['unlearned_forget_prob'], '.4f')} -> {num(r['forget_prob'], '.4f')} | {num(r['recovery_prob'])} |")
+    return "\n".join(lines)
 
 
 def _config_from_args(args, config_class, flag_keys) -> dict:
@@ -535,8 +564,9 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp = sub.add_parser("methods", help="list unlearning methods (objectives, combiner, defaults)")
     sp.set_defaults(func=cmd_methods)
 
-    sp = sub.add_parser("runs", help="list run directories, or show one")
-    sp.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    sp = sub.add_parser("runs", help="list run directories, show one, or tabulate their robustness probes")
+    sp.add_argument("action", nargs="?", default="list", choices=["list", "show", "robustness"],
+                    help="list (default), show RUN, robustness: a markdown table of every probe record under --root")
     sp.add_argument("run", nargs="?", help="run id (folder name) or path, for `show`")
     sp.add_argument("--root", default="runs", help="run directory root (default: runs/)")
     sp.set_defaults(func=cmd_runs)

@@ -211,6 +211,22 @@ def test_lab_probe_later_appends_the_same_records(probed_run):
     assert table["model_utility"].notna().all() and table["recovery_rouge"].notna().any()
 
 
+def test_lab_runs_robustness_prints_one_markdown_row_per_run_and_probe(probed_run, tmp_path, capsys):
+    from lab.cli import main
+    res, root = probed_run
+    assert main(["runs", "robustness", "--root", str(root)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    table = runs_views.robustness_table([runs.load_run(res.run_dir)])
+    body = [line.split(" | ") for line in lines[2:]]
+    assert lines[0].startswith("| run | method | probe |") and len(body) == len(table) == len(PROBED)
+    for cells, (_, r) in zip(body, table.iterrows()):
+        assert cells[0] == f"| {r['run_id']}" and cells[2] == r["probe"]
+        assert cells[4] == f"{r['model_utility']:.3f} -> {r['probe_model_utility']:.3f}"
+        assert cells[5].startswith(f"{r['unlearned_forget_rouge']:.3f} -> {r['forget_rouge']:.3f} (")
+    assert main(["runs", "robustness", "--root", str(tmp_path)]) == 2          # nothing probed: a clear error
+    assert "no robustness probe records under" in capsys.readouterr().err
+
+
 def test_lab_probe_needs_a_saved_model(prepared_tiny, tmp_path, capsys):
     from lab.cli import main
     from lab.engine import unlearn
