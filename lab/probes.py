@@ -422,10 +422,12 @@ SURVIVES = {"relearn": "a relearning attack on 10% of the forget rows", "quant8"
 
 
 def robustness_claims(table: pd.DataFrame, threshold: float = 0.1, metric: str = "rouge", labels=None,
-                      min_gap: float = 0.05) -> list[dict]:
+                      min_gap: float = 0.05, min_utility_kept: float = 0.5) -> list[dict]:
     """One computed claim line per row of lab.runs_views.robustness_table ("<method>: forgetting survives
     4-bit weight quantization: recovery <= 0.1"), through lab.experiments.claim. Not testable where the
-    run did not forget (target - unlearned < min_gap on the probe's rows) or the recovery is undefined.
+    run did not forget (target - unlearned < min_gap on the probe's rows), the recovery is undefined, or
+    the probe broke the model (its model utility below min_utility_kept x the unlearned model's: 4-bit
+    SmolLM2-135M scores MU 0, and nothing coming back from a broken model says nothing about forgetting).
     labels: {run_id: name to print} (default: the table's labels)."""
     from lab.experiments import claim
     out = []
@@ -445,11 +447,16 @@ def robustness_claims(table: pd.DataFrame, threshold: float = 0.1, metric: str =
             detail += f"; the same attack gives the retain model {r[f'floor_recovery_{metric}']:.3f} of its own gap"
         # MU beside the forget score: a probe that lowers both damaged the model rather than confirming forgetting
         mu, probe_mu = r.get("model_utility"), r.get("probe_model_utility")
-        if mu is not None and probe_mu is not None and pd.notna(mu) and pd.notna(probe_mu):
+        known_mu = mu is not None and probe_mu is not None and pd.notna(mu) and pd.notna(probe_mu)
+        if known_mu:
             detail += f"; model utility {mu:.3f} -> {probe_mu:.3f} under the probe"
-        holds = None if tgt - unl < min_gap else rec <= threshold
-        if holds is None:
+        broken = known_mu and probe_mu < min_utility_kept * mu
+        holds = None if tgt - unl < min_gap or broken else rec <= threshold
+        if tgt - unl < min_gap:
             detail = f"the run did not forget these rows (target - unlearned < {min_gap}); " + detail
+        elif broken:
+            detail = (f"the probe broke the model (model utility under the probe below {min_utility_kept:g} x "
+                      "the unlearned model's); " + detail)
         out.append(claim(text, holds, detail))
     return out
 

@@ -118,13 +118,18 @@ def test_robustness_claims_verdicts_thresholds_and_model_utility_in_the_detail()
                 "model_utility": mu, "probe_model_utility": probe_mu}
     table = pd.DataFrame([row("quant4", 0.2, 0.25, 0.9),            # recovery 0.071 <= 0.1: holds
                           row("relearn", 0.2, 0.41, 0.9, floor_rec=0.2),   # 0.3 > 0.1: does not hold
-                          row("fewshot", 0.88, 0.9, 0.9, probe_mu=None)])  # gap 0.02 < min_gap: not testable
-    quant, relearn, fewshot = probes.robustness_claims(table, threshold=0.1, labels={"r-quant4": "GRU"})
+                          row("fewshot", 0.88, 0.9, 0.9, probe_mu=None),   # gap 0.02 < min_gap: not testable
+                          row("quant8", 0.2, 0.21, 0.9, probe_mu=0.2)])    # MU 0.5 -> 0.2: the probe broke it
+    quant, relearn, fewshot, broken = probes.robustness_claims(table, threshold=0.1, labels={"r-quant4": "GRU"})
     assert quant["claim"].startswith("GRU: forgetting survives") and quant["verdict"] == VERDICTS[True]
     assert "recovery 0.071" in quant["detail"] and "model utility 0.500 -> 0.400 under the probe" in quant["detail"]
     assert relearn["verdict"] == VERDICTS[False] and "retain model 0.200 of its own gap" in relearn["detail"]
     assert fewshot["verdict"] == VERDICTS[None] and "did not forget" in fewshot["detail"]
     assert "model utility" not in fewshot["detail"]                 # no probed MU: nothing invented
+    assert broken["verdict"] == VERDICTS[None] and broken["detail"].startswith("the probe broke the model")
+    assert "model utility 0.500 -> 0.200" in broken["detail"]
+    kept = probes.robustness_claims(table.iloc[3:], min_utility_kept=0.3)[0]     # 0.2 >= 0.3 x 0.5: testable
+    assert kept["verdict"] == VERDICTS[True]
 
 
 # ---------------------------------------------------------------- real probes on the tiny models
