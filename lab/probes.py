@@ -451,8 +451,9 @@ def robustness_claims(table: pd.DataFrame, threshold: float = 0.1, metric: str =
         if known_mu:
             detail += f"; model utility {mu:.3f} -> {probe_mu:.3f} under the probe"
         broken = known_mu and probe_mu < min_utility_kept * mu
-        holds = None if tgt - unl < min_gap or broken else rec <= threshold
-        if tgt - unl < min_gap:
+        forgot = tgt - unl >= min_gap
+        holds = None if not forgot or broken else rec <= threshold
+        if not forgot:
             detail = f"the run did not forget these rows (target - unlearned < {min_gap}); " + detail
         elif broken:
             detail = (f"the probe broke the model (model utility under the probe below {min_utility_kept:g} x "
