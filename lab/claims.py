@@ -220,7 +220,27 @@ def export_figures(claims_files, out_dir: str | Path = "docs/figures", profiles=
             continue
         out = Path(out_dir) / f"{data['notebook']}-{data['profile']}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.update_layout(width=900, height=520)
-        atomic_write_bytes(out, fig.to_image(format="png", scale=1))
+        atomic_write_bytes(out, figure_png(fig, what=str(report)))
         written.append(out)
     return written
+
+
+FIGURE_EXPORT_TRIES = 3
+
+
+def figure_png(fig, what: str = "figure", width: int = 900, height: int = 520) -> bytes:
+    """The plotly figure as PNG bytes through kaleido + the system Chromium. MathJax off: kaleido would
+    fetch it from a CDN these machines cannot reach (the figures use no LaTeX). A headless Chromium
+    under load now and then evaluates kaleido's render call before its page scripts are in
+    ("kaleido_scopes is not defined", seen once in CI): a fresh browser is tried up to
+    FIGURE_EXPORT_TRIES times before the error, naming the figure, is raised."""
+    import kaleido
+    spec = fig.to_dict()
+    opts = dict(format="png", width=width, height=height, scale=1)
+    for attempt in range(1, FIGURE_EXPORT_TRIES + 1):
+        try:
+            return kaleido.calc_fig_sync(spec, opts=opts, kopts={"mathjax": False})
+        except Exception as e:      # kaleido's own errors have no common base class
+            if attempt == FIGURE_EXPORT_TRIES:
+                raise RuntimeError(f"could not export the headline figure of {what} as PNG after "
+                                   f"{attempt} tries (kaleido + Chromium): {type(e).__name__}: {e}") from e

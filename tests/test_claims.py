@@ -101,3 +101,27 @@ def test_headline_figures_are_exported_as_png(tmp_path, browser_available):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     import struct
     assert struct.unpack(">II", data[16:24]) == (900, 520)     # the exported size
+
+
+def test_figure_export_retries_a_transient_browser_failure_then_names_the_figure(monkeypatch):
+    # kaleido failing once (as Chromium under load did in CI) is retried with a fresh browser; failing
+    # every time raises one error that names the figure. MathJax stays off (its CDN is unreachable here).
+    import kaleido
+    import plotly.express as px
+    calls = []
+
+    def flaky(spec, opts, kopts):
+        calls.append(kopts)
+        if len(calls) < 2:
+            raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+        return b"\x89PNG fake"
+    monkeypatch.setattr(kaleido, "calc_fig_sync", flaky)
+    fig = px.scatter(x=[0, 1], y=[1, 0])
+    assert claims.figure_png(fig, what="r.ipynb") == b"\x89PNG fake"
+    assert len(calls) == 2 and all(k == {"mathjax": False} for k in calls)
+
+    def broken(spec, opts, kopts):
+        raise RuntimeError("chromium crashed")
+    monkeypatch.setattr(kaleido, "calc_fig_sync", broken)
+    with pytest.raises(RuntimeError, match=r"headline figure of r\.ipynb .* 3 tries.*chromium crashed"):
+        claims.figure_png(fig, what="r.ipynb")
