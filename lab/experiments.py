@@ -31,7 +31,7 @@ from lab.methods import get_method
 # model-arithmetic methods run by lab.continual as a single task (everything else: lab.engine.unlearn)
 ARITHMETIC_METHODS = ("tv", "tru")
 ROW_KEYS = ["label", "method", "status", "seconds", "steps", "run_id", "run_dir", "error", "config_key",
-            "saved_model"]
+            "unprobed_key", "saved_model"]
 
 
 # ---------------------------------------------------------------- running
@@ -93,15 +93,21 @@ def _run_one(cfg: UnlearnConfig):
     return unlearn(cfg, progress=False).run_dir
 
 
-def _config_key(cfg: UnlearnConfig) -> str:
+PROBE_FIELDS = ("probes", "probe_options")
+
+
+def _config_key(cfg: UnlearnConfig, probes: bool = True) -> str:
     """What makes two runs the same run (save_model only decides whether the weights are kept). The method
-    by its resolved name and full arguments: "ngdiff+autolr" is "ngdiff_autolr", "gdiff(0.5)" is gdiff c=0.5."""
+    by its resolved name and full arguments: "ngdiff+autolr" is "ngdiff_autolr", "gdiff(0.5)" is gdiff c=0.5.
+    probes=False: the key without the robustness probes, which only add records after the final
+    evaluation (a probed run is the unprobed run plus those records)."""
     resolved = {}
     if cfg.method not in ARITHMETIC_METHODS:
         method, args = get_method(cfg.method, **cfg.method_args)
         resolved = {"method": method.name, "method_args": args}
     # nproc: how many ranks run it, not what runs (the same result at any world size; keys of older runs hold)
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "nproc"}
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k != "nproc" and (probes or k not in PROBE_FIELDS)}
     return json.dumps({**fields, "save_model": None, **resolved}, sort_keys=True, default=str)
 
 
@@ -154,20 +160,26 @@ def run_grid(methods, base: UnlearnConfig, overrides_per_method: dict | None = N
 
 def _run_grid(methods, base, overrides_per_method, progress, reuse) -> pd.DataFrame:
     rows = []
-    earlier = {} if reuse is None or "config_key" not in reuse else {
-        k: r for k, r in zip(reuse["config_key"], reuse.to_dict("records")) if r["status"] == "done"}
+    # a run asking for probes reuses only a run with the same probes; one without probes reuses a probed
+    # run too (same model, same final metrics: the probes only add records)
+    done = [] if reuse is None or "config_key" not in reuse else [
+        r for r in reuse.to_dict("records") if r["status"] == "done"]
+    exact = {r["config_key"]: r for r in done}
+    unprobed = {r.get("unprobed_key") if isinstance(r.get("unprobed_key"), str) else r["config_key"]: r
+                for r in done}
     for label, overrides in _specs(methods, overrides_per_method):
         cfg = _config(base, overrides)
-        key = _config_key(cfg)
-        if key in earlier and (earlier[key]["saved_model"] or not cfg.save_model):
-            rows.append({**earlier[key], "label": label})
+        key, bare_key = _config_key(cfg), _config_key(cfg, probes=False)
+        found = exact.get(key) or (unprobed.get(bare_key) if not cfg.probes else None)
+        if found is not None and (found["saved_model"] or not cfg.save_model):
+            rows.append({**found, "label": label})
             if progress:
-                print(f"{label:<28} reused   {earlier[key]['run_id']}")
+                print(f"{label:<28} reused   {found['run_id']}")
             continue
         before = set(runs.find_runs(cfg.runs_root))
         t0 = time.time()
         row = {"label": label, "method": cfg.method, "status": "done", "error": None, "config_key": key,
-               "saved_model": cfg.save_model}
+               "unprobed_key": bare_key, "saved_model": cfg.save_model}
         try:
             run_dir = _run_one(cfg)
         except runs.RunStopped as stop:
@@ -292,6 +304,19 @@ def cell(df: pd.DataFrame, label: str, column: str, key: str = "label") -> float
     if hit.empty or column not in hit or ("status" in hit and hit["status"].iloc[-1] != "done"):
         return math.nan
     return _number(hit[column].iloc[-1])
+
+
+def unmoved_forget_quality(start: pd.DataFrame, rows: pd.DataFrame, column: str = "forget_quality",
+                           tol: float = 1e-9) -> float | None:
+    """The Original's forget quality (`column` of starting_points' "Original" row) when no row of `rows`
+    moved it (|FQ - FQ_original| <= tol for each); None when one did, or the Original has none. FQ is a
+    KS p-value on eval_limit truth ratios: methods that all kept the original's value tie, and a claim
+    ranking their FQ is then not testable (it would say nothing about which forgets more)."""
+    original = start.loc[start["label"] == "Original", column] if column in start else pd.Series(dtype=float)
+    fq0 = float(original.iloc[0]) if len(original) else float("nan")
+    if math.isnan(fq0) or (column in rows and (rows[column] - fq0).abs().gt(tol).any()):
+        return None
+    return fq0
 
 
 def traces(grid: pd.DataFrame) -> pd.DataFrame:

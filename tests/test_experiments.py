@@ -9,7 +9,7 @@ import pytest
 from lab import runs
 from lab.engine import UnlearnConfig
 from lab.experiments import (cell, claim, compare, paper_table, run_grid, starting_points, traces,
-                             uwc_table)
+                             unmoved_forget_quality, uwc_table)
 
 
 def _base(tmp_path, **kw):
@@ -43,6 +43,38 @@ def test_grid_rows_are_the_runs_and_reuse(prepared_tiny, tmp_path):
                      base, reuse=grid, progress=False)
     assert grid.loc[0, "run_id"] not in set(saved["run_id"]) and len(runs.find_runs(base.runs_root)) == 4
     assert (tmp_path / "runs" / saved.loc[0, "run_id"] / "model").is_dir()
+
+
+def test_a_run_without_probes_reuses_a_probed_run_but_a_probed_request_needs_its_probes(prepared_tiny, tmp_path):
+    # the probes only add records after the final evaluation: a probed run is also the unprobed run
+    base = _base(tmp_path)
+    probed = run_grid({"GA": {"method": "ga", "probes": ["quant8"]}}, base, progress=False)
+    rec = runs.load_run(probed.loc[0, "run_dir"])
+    assert "probe:quant8" in set(rec.evals["checkpoint"])
+    final = rec.evals[rec.evals["checkpoint"] == "unlearned"].iloc[-1]
+    assert probed.loc[0, "forget_rouge"] == pytest.approx(final["forget_rouge"])   # not the probe's record
+    plain = run_grid(["ga"], base, reuse=probed, progress=False)
+    assert plain.loc[0, "run_id"] == probed.loc[0, "run_id"] and len(runs.find_runs(base.runs_root)) == 1
+    same = run_grid({"GA again": {"method": "ga", "probes": ["quant8"]}}, base, reuse=plain, progress=False)
+    assert same.loc[0, "run_id"] == probed.loc[0, "run_id"]
+    # other probes, or probes over a run that had none: a new run
+    other = run_grid({"GA": {"method": "ga", "probes": ["quant4"]}}, base, reuse=probed, progress=False)
+    assert other.loc[0, "run_id"] != probed.loc[0, "run_id"]
+    bare = run_grid({"GA lr": {"method": "ga", "lr": 2e-3}}, base, progress=False)
+    over = run_grid({"GA lr": {"method": "ga", "lr": 2e-3, "probes": ["quant8"]}}, base, reuse=bare, progress=False)
+    assert over.loc[0, "run_id"] != bare.loc[0, "run_id"] and len(runs.find_runs(base.runs_root)) == 4
+
+
+def test_unmoved_forget_quality_says_when_no_run_left_the_original_value():
+    start = pd.DataFrame({"label": ["Original", "Retain"], "forget_quality": [0.0123, 1.0]})
+    tied = pd.DataFrame({"label": ["GA", "NPO"], "forget_quality": [0.0123, 0.0123]})
+    assert unmoved_forget_quality(start, tied) == pytest.approx(0.0123)
+    moved = tied.assign(forget_quality=[0.0123, 0.05])
+    assert unmoved_forget_quality(start, moved) is None
+    # the log column GRU reports, and no Original row: nothing to compare with
+    assert unmoved_forget_quality(start.assign(ln_FQ=[-4.398, 0.0]), tied.assign(ln_FQ=[-4.398, -4.398]),
+                                  "ln_FQ") == pytest.approx(-4.398)
+    assert unmoved_forget_quality(start[start["label"] == "Retain"], tied) is None
 
 
 def test_divergence_is_a_row_and_the_grid_goes_on(prepared_tiny, tmp_path):

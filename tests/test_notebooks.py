@@ -104,6 +104,17 @@ def test_smoke_profile_executes(name, prepared_tiny, tmp_path):
         assert sorted(sequential) == sorted(set(sequential)), sequential
         probed = {r.config["method"] for r in tofu if not r.probe_evals.empty}
         assert probed == set(values["probe_methods"]) and values["probes"], (probed, values["probe_methods"])
+    if name in ("gru_rectification", "blur_bilevel", "ngdiff_mto"):   # the probes ride on the table's runs
+        values = {**report.notebook_parameters(name), **report.profile_parameters(name, "smoke")}
+        tofu = [rec for rec in map(runs.load_run, found)
+                if rec.config.get("kind") == "unlearn" and str(rec.config.get("benchmark")).startswith("tofu")]
+        what = [(r.config["method"], str(r.config.get("method_args")), r.config.get("max_grad_norm"), r.config.get("lr"))
+                for r in tofu]
+        assert len(what) == len(set(what)), what
+        probed = {r.config["method"] for r in tofu if not r.probe_evals.empty}
+        want = ({m for b in values["probe_bases"] for m in (b, f"gru_{b}")} if name == "gru_rectification"
+                else set(values["probe_methods"]))
+        assert probed == want and values["probes"], (probed, want)
     if name in claims.PAPERS and name != "00_quickstart":   # every paper notebook feeds the claims ledger
         ledger = claims.load(tmp_path / f"{name}-smoke.claims.json")
         assert ledger["claims"] and ledger["profile"] == "smoke" and ledger["notebook"] == name
