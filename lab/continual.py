@@ -60,6 +60,7 @@ import pandas as pd
 import torch
 
 from lab import alkn, distributed, geometry, lora, masks, prepare, runs, taskvec
+from lab.data import forget_text_rows
 from lab.engine import (DEFAULT_LR, Diverged, LoopState, UnlearnConfig, load_starting_point, make_context,
                         unlearning_loop)
 from lab.methods import METHODS, fit_to_model, get_method
@@ -670,7 +671,7 @@ def _continual(cfg: ContinualConfig, resume: Path | None, writer, progress, par)
                 taskvec.load_values_(params, theta_0)
             lr_t = cfg.task_lr(t)
             task_cfg = cfg.task_config(lr=lr_t, seed=cfg.seed + t)
-            forget_t = task_data(tasks, t, cfg.protocol)
+            forget_t = forget_text_rows(tok, task_data(tasks, t, cfg.protocol), cfg.max_length, cfg.forget_text_rows)
             theta_prev = taskvec.snapshot(params)
             need_gr = cfg.task_diagnostics or (cfg.kind == "alkn" and cfg.opts["dgs"])
             retain_grad = (alkn.retain_gradient(model, tok, bench.retain, task_cfg, cfg.opts or None, parallel=par)

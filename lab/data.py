@@ -774,6 +774,29 @@ def text_chunks(tokenizer, texts, max_length: int = 512) -> list[list[int]]:
     return out
 
 
+FORGET_TEXT_ROWS = ("chunks", "truncated")
+
+
+def forget_text_rows(tokenizer, forget: Dataset, max_length: int, form: str = "chunks") -> Dataset:
+    """The rows unlearning trains on where the forget set is raw text (MUSE-News; UnlearnConfig.forget_text_rows).
+    "chunks" (default; open-unlearning's PretrainingDataset): the texts joined by a blank line, tokenized as one
+    sequence, cut into consecutive chunks of max_length tokens (less one for a BOS where the tokenizer adds one)
+    and decoded back to text, so every token of every article is unlearned. "truncated": one row per text, cut
+    to its first max_length tokens (the lab's rows before: the README's SmolLM2 MUSE target has articles of 66 to
+    2,126 tokens, and most of a long one was never unlearned). A QA forget set (TOFU) comes back as it is."""
+    if form not in FORGET_TEXT_ROWS:
+        raise ValueError(f"forget_text_rows={form!r}; valid: {', '.join(FORGET_TEXT_ROWS)}")
+    if form == "truncated" or "text" not in forget.column_names:
+        return forget
+    width = max_length - (1 if _adds_bos(tokenizer) else 0)
+    if width < 1:
+        raise ValueError(f"forget_text_rows: max_length={max_length} leaves no text token per chunk; valid: >= 2")
+    # one long sequence on purpose: verbose=False keeps the tokenizer's "longer than the model's maximum" warning out
+    ids = list(tokenizer("\n\n".join(forget["text"]), add_special_tokens=False, verbose=False)["input_ids"])
+    chunks = [tokenizer.decode(ids[s:s + width]) for s in range(0, len(ids), width)]
+    return Dataset.from_dict({"text": chunks, "row": list(range(len(chunks)))})
+
+
 def chunk_batches(tokenizer, chunks: list[list[int]], batch_size: int, shuffle: bool = False, seed: int = 0):
     """Right-padded batches of token windows (text_chunks): every token but the first is a target.
     shuffle: rows drawn in a seeded random order, batched by length (stable, so equal lengths stay

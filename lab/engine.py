@@ -80,6 +80,7 @@ class UnlearnConfig:
     seed: int = 0
     autocast: str | None = None             # e.g. "bfloat16" (CPU: ~2.5x faster on SmolLM2)
     max_length: int = 512
+    forget_text_rows: str = "chunks"        # text forget sets (MUSE): "chunks" | "truncated" (lab.data)
     device: str = "cpu"
     prepare: dict = dataclasses.field(default_factory=dict)   # lab.prepare hyper-parameter overrides
     save_model: bool = False                # write the unlearned weights into the run directory
@@ -95,6 +96,9 @@ class UnlearnConfig:
             raise ValueError(f"schedule={self.schedule!r}; valid: 'constant', 'linear'")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer={self.optimizer!r}; valid: 'adamw', 'sgd'")
+        from lab.data import FORGET_TEXT_ROWS
+        if self.forget_text_rows not in FORGET_TEXT_ROWS:
+            raise ValueError(f"forget_text_rows={self.forget_text_rows!r}; valid: {', '.join(FORGET_TEXT_ROWS)}")
         for name, (low, optional) in INT_FIELDS.items():   # before any work, as the CLI's flags
             value = getattr(self, name)
             if optional and value is None:
@@ -670,16 +674,19 @@ def _config_dict(cfg: UnlearnConfig, method: Method, args: dict, bench, extra=No
                retain_terms=[dataclasses.asdict(t) for t in method.retain],
                benchmark=bench.name, benchmark_config=bench.config, protocol=None,
                lr=cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None]),
-               trace_columns=runs.TRACE_COLUMNS, conventions=conventions(cfg, args), **(extra or {}))
+               trace_columns=runs.TRACE_COLUMNS, conventions=conventions(cfg, args, bench), **(extra or {}))
     return out
 
 
-def conventions(cfg: UnlearnConfig, args: dict) -> dict:
+def conventions(cfg: UnlearnConfig, args: dict, bench=None) -> dict:
     """The scoring / objective conventions of a run (METHODS §1, §6), one block in every config.yaml:
-    score_eos, and each named option of lab.methods.CHOICES (kl_form, simnpo_margin, pcgrad_form) with
-    the value the method used, or None where the method has no term it changes."""
+    score_eos, forget_text_rows where the forget set is text (MUSE; None on QA), and each named option of
+    lab.methods.CHOICES (kl_form, simnpo_margin, pcgrad_form) with the value the method used, or None where
+    the method has no term it changes."""
     from lab.methods import CHOICES
-    return {"score_eos": cfg.score_eos, **{name: args.get(name) for name in CHOICES}}
+    text = bench is not None and "text" in bench.forget.column_names
+    return {"score_eos": cfg.score_eos, "forget_text_rows": cfg.forget_text_rows if text else None,
+            **{name: args.get(name) for name in CHOICES}}
 
 
 def load_starting_point(cfg: UnlearnConfig):
@@ -746,7 +753,7 @@ def _muse_prepared_start(cfg: UnlearnConfig):
 
 def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **overrides) -> UnlearnResult:
     """Run one unlearning method end to end: starting model, loop, periodic + final evaluation, run dir."""
-    from lab.data import idk_answers as load_idk
+    from lab.data import forget_text_rows, idk_answers as load_idk
     from lab.eval import restrict_eval
     if isinstance(config, UnlearnConfig):
         cfg = dataclasses.replace(config, **overrides)
@@ -761,6 +768,8 @@ def unlearn(config: UnlearnConfig | dict | None = None, *, progress=True, **over
     if par.mode != "none":
         cfg = dataclasses.replace(cfg, device=par.device)
     model, tok, bench, reference, initial, extra = load_starting_point(cfg)
+    # a text forget set (MUSE) as the rows the loop and the probes train on: max_length-token chunks by default
+    bench = dataclasses.replace(bench, forget=forget_text_rows(tok, bench.forget, cfg.max_length, cfg.forget_text_rows))
     args = fit_to_model(method, args, model)     # the config records the model-dependent defaults
     if cfg.lora:   # the gradient lists become the adapter parameters (peft freezes the base)
         model = lora.wrap(model, cfg.lora, seed=cfg.seed)

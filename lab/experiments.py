@@ -158,6 +158,16 @@ def run_grid(methods, base: UnlearnConfig, overrides_per_method: dict | None = N
         return _run_grid(methods, base, overrides_per_method, progress, reuse)
 
 
+def with_probes(per_run: dict, grid, labels, probes, probe_options: dict | None = None) -> dict:
+    """run_grid's per-run overrides with the robustness probes added to the headline runs: every label of
+    `labels` that is in `grid` (run_grid's methods: a list or a dict label -> overrides) gets `probes` /
+    `probe_options` on top of its own overrides, so the table's run carries the probes (after its final
+    evaluation) and no second unlearning run is needed. No probes: per_run as it is. A new dict."""
+    probed = {"probes": list(probes), "probe_options": dict(probe_options or {})} if probes else {}
+    return {**per_run, **{label: {**per_run.get(label, {}), **probed}
+                          for label in labels if probed and label in grid}}
+
+
 def _run_grid(methods, base, overrides_per_method, progress, reuse) -> pd.DataFrame:
     rows = []
     # a run asking for probes reuses only a run with the same probes; one without probes reuses a probed

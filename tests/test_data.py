@@ -452,3 +452,27 @@ def test_text_batches_label_every_token(plain_tok):
         assert batch["labels"][i, :len(ids)].tolist() == [-100] + ids[1:]
         assert batch["labels"][i, len(ids):].eq(-100).all()
     assert batch["input_ids"].shape[1] == 6
+
+
+# ---------------------------------------------------------------- text forget rows (MUSE)
+def test_forget_text_rows_cut_the_joined_texts_into_max_length_chunks_as_open_unlearning(plain_tok):
+    from lab.data import forget_text_rows
+    from lab.engine import encode_rows
+    texts = ["The quick brown fox jumps over the lazy dog. " * 9, "Paris is the capital of France.",
+             "Who wrote the book? The author wrote the book in Kuwait City. " * 5]
+    forget = Dataset.from_dict({"text": texts, "row": [0, 1, 2]})
+    rows = forget_text_rows(plain_tok, forget, max_length=32)
+    joined = _ids(plain_tok, "\n\n".join(texts))
+    width = 31                                                   # 32 less the BOS this tokenizer adds
+    assert len(rows) == -(-len(joined) // width) and rows["row"] == list(range(len(rows)))
+    # every token of the joined corpus is in exactly one chunk, in order (open-unlearning's PretrainingDataset)
+    assert sum((_ids(plain_tok, t) for t in rows["text"]), []) == joined
+    assert all(len(_ids(plain_tok, t)) <= width for t in rows["text"])
+    batch = encode_rows(plain_tok, rows, range(len(rows)), max_length=32)   # what the loop trains on: no cut
+    assert int(batch["attention_mask"].sum()) == len(joined) + len(rows)    # + one BOS per chunk
+    # "truncated": the texts as they were (the loop cuts each to max_length); QA sets are not text
+    assert forget_text_rows(plain_tok, forget, 32, "truncated") is forget
+    qa = Dataset.from_dict({"question": ["q"], "answer": ["a"]})
+    assert forget_text_rows(plain_tok, qa, 32) is qa
+    with pytest.raises(ValueError, match="forget_text_rows='windows'; valid: chunks, truncated"):
+        forget_text_rows(plain_tok, forget, 32, "windows")

@@ -3,11 +3,13 @@ import dataclasses
 import math
 import os
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from datasets import Dataset
 
 from lab import engine, geometry, runs
 from lab.engine import UnlearnConfig, accumulate, autolr_probe, unlearning_loop, would_be_update
@@ -345,7 +347,8 @@ def test_initial_record_is_computed_on_the_rows_of_the_later_records(prepared_ti
     assert initial["forget_quality"] == pytest.approx(expected["forget_quality"])
     assert initial["forget_quality"] != pytest.approx(prepared_tiny.target_eval["metrics"]["forget_quality"])
     assert rec.config["score_eos"] is True          # the scoring convention is in config.yaml
-    assert rec.config["conventions"] == {"score_eos": True, "kl_form": None, "simnpo_margin": None, "pcgrad_form": None}
+    assert rec.config["conventions"] == {"score_eos": True, "forget_text_rows": None, "kl_form": None,
+                                         "simnpo_margin": None, "pcgrad_form": None}   # TOFU's forget set is QA
 
 
 @pytest.mark.parametrize("method,args,expected", [
@@ -361,9 +364,18 @@ def test_every_config_records_the_conventions_block(method, args, expected):
     cfg = UnlearnConfig(method=method, method_args=args, score_eos=True)
     m, full_args = get_method(method, **args)
     block = engine.conventions(cfg, full_args)
-    assert set(block) == {"score_eos", *CHOICES}
-    assert {k: block[k] for k in expected} == expected
+    assert set(block) == {"score_eos", "forget_text_rows", *CHOICES}
+    assert {k: block[k] for k in expected} == expected and block["forget_text_rows"] is None
     assert engine.conventions(dataclasses.replace(cfg, score_eos=False), full_args)["score_eos"] is False
+    # a text forget set (MUSE): how its rows were cut; a QA one: None
+    text = SimpleNamespace(forget=Dataset.from_dict({"text": ["an article"]}))
+    qa = SimpleNamespace(forget=Dataset.from_dict({"question": ["q"], "answer": ["a"]}))
+    assert engine.conventions(cfg, full_args, text)["forget_text_rows"] == "chunks"
+    assert engine.conventions(dataclasses.replace(cfg, forget_text_rows="truncated"), full_args, text)[
+        "forget_text_rows"] == "truncated"
+    assert engine.conventions(cfg, full_args, qa)["forget_text_rows"] is None
+    with pytest.raises(ValueError, match="forget_text_rows='articles'; valid: chunks, truncated"):
+        UnlearnConfig(method=method, forget_text_rows="articles")
 
 
 def test_unlearn_config_records_eval_metric_options_with_defaults():

@@ -9,7 +9,7 @@ import pytest
 from lab import runs
 from lab.engine import UnlearnConfig
 from lab.experiments import (cell, claim, compare, paper_table, run_grid, starting_points, traces,
-                             unmoved_forget_quality, uwc_table)
+                             unmoved_forget_quality, uwc_table, with_probes)
 
 
 def _base(tmp_path, **kw):
@@ -63,6 +63,19 @@ def test_a_run_without_probes_reuses_a_probed_run_but_a_probed_request_needs_its
     bare = run_grid({"GA lr": {"method": "ga", "lr": 2e-3}}, base, progress=False)
     over = run_grid({"GA lr": {"method": "ga", "lr": 2e-3, "probes": ["quant8"]}}, base, reuse=bare, progress=False)
     assert over.loc[0, "run_id"] != bare.loc[0, "run_id"] and len(runs.find_runs(base.runs_root)) == 4
+
+
+def test_with_probes_adds_the_probes_to_the_headline_runs_in_the_grid_only():
+    per_run = {"NPO": {"method_args": {"beta": 0.1}}, "GA": {"lr": 1e-4}}
+    grid = {"GA": {"method": "ga"}, "NPO": {"method": "npo_gd"}, "BLUR-NPO": {"method": "blur_npo"}}
+    out = with_probes(per_run, grid, ["NPO", "BLUR-NPO", "SimNPO"], ["relearn"], {"relearn_lr": 5e-5})
+    probed = {"probes": ["relearn"], "probe_options": {"relearn_lr": 5e-5}}
+    assert out == {"GA": {"lr": 1e-4}, "NPO": {"method_args": {"beta": 0.1}, **probed}, "BLUR-NPO": probed}
+    assert "SimNPO" not in out                                # not in the grid: run_grid would refuse it
+    assert per_run == {"NPO": {"method_args": {"beta": 0.1}}, "GA": {"lr": 1e-4}}   # not edited in place
+    # a list grid (method names as labels) and no probes: the overrides as they were
+    assert with_probes({}, ["ga", "npo"], ["npo"], ["quant4"]) == {"npo": {"probes": ["quant4"], "probe_options": {}}}
+    assert with_probes(per_run, grid, ["NPO"], []) == per_run
 
 
 def test_unmoved_forget_quality_says_when_no_run_left_the_original_value():

@@ -169,6 +169,25 @@ def test_real_profiles_start_from_their_documented_smollm2_prepare(name):
     assert values["eval_limit"] <= readme["eval_limit"]
 
 
+def test_real_profiles_with_muse_start_from_the_documented_smollm2_muse_target():
+    """A `real` profile that runs its MUSE section starts it from the README's SmolLM2 MUSE target (`lab prepare
+    --model smollm2-135m --benchmark muse_news --bench-opt max_docs=12 --set eval_limit=3 batch_size=4`), the
+    key lab.engine's starting_point "prepared" computes, and scores only items that target's evaluation holds."""
+    from lab.prepare import cache_keys, prepare_config
+    readme = prepare_config("smollm2-135m", "muse_news", {"max_docs": 12}, eval_limit=3, batch_size=4)
+    with_muse = []
+    for name in [n for n in NAMES if n != "00_quickstart"]:
+        values = {**report.notebook_parameters(name), **report.profile_parameters(name, "real")}
+        if not values.get("run_muse") or not values.get("muse_methods", values.get("muse_bases")):
+            continue
+        with_muse.append(name)
+        options = {k: v for k, v in values["muse_prepare"].items() if k != "starting_point"}
+        ours = prepare_config(values["muse_model"], "muse_news", values["muse_benchmark_kwargs"],
+                              eval_limit=values["muse_eval_limit"], **options)
+        assert values["muse_prepare"]["starting_point"] == "prepared" and cache_keys(ours) == cache_keys(readme), name
+    assert "blur_bilevel" in with_muse   # BLUR Table 3 runs at the real profile
+
+
 @pytest.mark.slow
 def test_a_notebook_runs_its_engine_calls_in_ranks_with_parallel_and_nproc(prepared_tiny, tmp_path):
     """parallel fsdp + nproc 2: every run of the notebook is started by torchrun in 2 ranks (the probes on

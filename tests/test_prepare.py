@@ -1,11 +1,13 @@
 """The TOFU protocol's starting point on the embedded default (tiny model, tofu_subset)."""
 import dataclasses
 import json
+import math
 import shutil
 
 import pandas as pd
 import pytest
 
+from lab import data
 from lab import prepare as prep
 from lab import eval as lab_eval
 from lab import runs
@@ -281,7 +283,6 @@ def prepared_muse():
 
 
 def test_muse_forget_selection_takes_the_eval_items_articles_first(shared_data):
-    from lab import data
     sources, holdout = data.muse_sources(shared_data)
     rows, summary = data.muse_forget_selection(6, 0, shared_data)
     assert rows[:2] == [sources["verbmem"][0], sources["knowmem"][0]] and len(set(rows)) == 6
@@ -363,6 +364,14 @@ def test_unlearn_on_muse_news_starts_from_the_prepared_target_with_a_reference(p
     assert res.config["muse_starting_point"] == "prepared" and res.config["prepared"] == str(prepared_muse.path)
     assert res.config["benchmark_config"]["max_docs"] == 3
     assert "privleak" in res.metrics and res.metrics["verbmem_rouge_f1"] >= 0
+    # one epoch over the forget rows: open-unlearning's max_length-token chunks of the 3 articles by default,
+    # the 3 articles cut to max_length each by name (the lab's earlier rows)
+    epoch = {**base, "max_steps": None, "epochs": 1}
+    chunked, cut = unlearn(**epoch), unlearn(**epoch, forget_text_rows="truncated")
+    chunks = data.forget_text_rows(res.tokenizer, data.get_benchmark("muse_news", **MUSE_DOCS).forget, 256)
+    assert len(chunks) > 3 and len(chunked.trace) == math.ceil(len(chunks) / 2) and len(cut.trace) == 2
+    assert chunked.config["conventions"]["forget_text_rows"] == "chunks"
+    assert cut.config["conventions"]["forget_text_rows"] == "truncated"
     plain = unlearn(**{**base, "prepare": {"starting_point": "model"}})   # today's path, explicit
     assert plain.config["muse_starting_point"] == "model" and "privleak" not in plain.metrics
     with pytest.raises(ValueError, match="starting_point='hub'; valid: auto, prepared, model"):
