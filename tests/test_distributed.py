@@ -335,6 +335,7 @@ def test_continual_a_failing_rank_stops_every_rank(prepared_tiny, tmp_path):
 PROBES = ["relearn", "quant8"]
 PROBE_KEYS = ["forget_prob", "forget_rouge", "model_utility", "unlearned_forget_prob", "target_forget_prob",
               "floor_forget_prob", "delta_forget_prob", "recovery_prob", "relearn_loss_last"]
+DIFFERENCE_KEYS = {"delta_forget_prob", "recovery_prob"}
 
 
 @pytest.mark.slow
@@ -349,8 +350,14 @@ def test_probes_under_fsdp_run_on_rank_0_and_match_one_process(prepared_tiny, tm
     assert set(ref) == set(got) == {"probe:relearn", "probe:quant8"}
     for name, r1 in ref.items():
         for k in PROBE_KEYS:
-            if r1.get(k) is not None:
+            if r1.get(k) is not None and k not in DIFFERENCE_KEYS:
                 assert got[name][k] == pytest.approx(r1[k], rel=1e-3, abs=1e-5), (name, k)
+        # delta = probed - unlearned (and recovery = delta / gap) cancel two near-equal means: 8-bit rounding of
+        # weights that the sharded and the one-process runs leave 1e-7 apart moved the quant8 delta (-6.6e-4) by
+        # 2.7e-5 on an AVX-512 machine. Their operands are held to the tolerance above, the probed mean here.
+        probed = lambda r: r["unlearned_forget_prob"] + r["delta_forget_prob"]   # noqa: E731
+        assert probed(got[name]) == pytest.approx(probed(r1), rel=1e-3, abs=1e-5), name
+        assert np.sign(got[name]["delta_forget_prob"]) == np.sign(r1["delta_forget_prob"]), name
     relearned = got["probe:relearn"]
     assert relearned["relearn_loss_last"] < relearned["relearn_loss_first"]   # rank 0 really fine-tuned the copy
 
