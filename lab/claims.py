@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -81,6 +82,12 @@ def git_commit(repo: Path | None = None) -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def reused_runs() -> bool:
+    """Whether this execution's grids took earlier executions' finished runs (lab report --reuse-runs)."""
+    from lab.runs import REUSE_ENV
+    return bool(os.environ.get(REUSE_ENV))
+
+
 def claims_file(nb, *, notebook: str, profile: str, params: dict, seconds: float, out: Path) -> Path | None:
     """Write <out>/<notebook>-<profile>.claims.json from an executed notebook; None if it made no claims."""
     from lab.runs import atomic_write_json
@@ -91,7 +98,8 @@ def claims_file(nb, *, notebook: str, profile: str, params: dict, seconds: float
         return None
     meta = {"notebook": notebook, "paper": PAPERS.get(notebook, notebook), "profile": profile,
             "params": params, "date": datetime.date.today().isoformat(), "commit": git_commit(),
-            "command": f"lab report {notebook} --profile {profile}", "seconds": round(seconds, 1),
+            "command": f"lab report {notebook} --profile {profile}" + (" --reuse-runs" if reused_runs() else ""),
+            "seconds": round(seconds, 1),
             "claims": records}
     atomic_write_json(path, meta)
     return path

@@ -316,6 +316,9 @@ def cmd_report(args) -> None:
     from lab.report import list_notebooks, run_notebooks
     if bool(args.name) == bool(args.all):
         raise SystemExit(f"lab report: name one notebook or pass --all; notebooks: {', '.join(list_notebooks())}")
+    if args.reuse_runs:   # the kernels inherit it: lab.experiments.run_grid reuses finished runs under runs_root
+        from lab.runs import REUSE_ENV
+        os.environ[REUSE_ENV] = "1"
     rows = run_notebooks(None if args.all else [args.name], args.profile, out=args.out, params=_kv(args.param),
                          runs_root=args.runs, jobs=args.jobs)
     _print_report_table(rows)
@@ -583,6 +586,9 @@ def build_parser(show_defaults: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--runs", help="runs_root for the notebooks' run directories (default: the profile's)")
     sp.add_argument("-p", "--param", nargs="*", metavar="K=V", help="parameter overrides, e.g. eval_limit=4")
     sp.add_argument("-j", "--jobs", type=int, default=1, help="notebooks at once, each with 1/jobs of the cores")
+    sp.add_argument("--reuse-runs", action="store_true",
+                    help="take a finished run under the runs root whose config equals a grid entry's instead of "
+                         "running it again (e.g. to re-execute a report after a claim's rule changed)")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("claims", help="merge the notebooks' claims files into the claims ledger (docs/claims.md)",

@@ -61,7 +61,7 @@ import torch
 
 from lab import alkn, distributed, geometry, lora, masks, prepare, runs, taskvec
 from lab.data import forget_text_rows
-from lab.engine import (DEFAULT_LR, Diverged, LoopState, UnlearnConfig, load_starting_point, make_context,
+from lab.engine import (Diverged, LoopState, UnlearnConfig, load_starting_point, make_context, resolved_lr,
                         unlearning_loop)
 from lab.methods import METHODS, fit_to_model, get_method
 # the per-task table is pure pandas, shared with the dashboard (which must not import torch)
@@ -110,7 +110,7 @@ class ContinualConfig(UnlearnConfig):
 
     @property
     def base_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.model, DEFAULT_LR[None])
+        return resolved_lr(self)
 
     @property
     def decay(self) -> float:

@@ -431,7 +431,7 @@ def unlearning_loop(model, tokenizer, forget, retain, method: Method, args: dict
         if getattr(ctx, "ref_model", None) is not None:
             distributed.wrap(ctx.ref_model, par, autocast=cfg.autocast)
         params = trainable_parameters(model, method, args)   # now the DTensor shards
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None])
+    lr = resolved_lr(cfg)
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(distributed.local_list(params), lr=lr, betas=cfg.betas,
                                       weight_decay=cfg.weight_decay)
@@ -667,13 +667,18 @@ class UnlearnResult:
     config: dict
 
 
+def resolved_lr(cfg: UnlearnConfig) -> float:
+    """The lr a run uses: cfg.lr, or the model's DEFAULT_LR where it is None (what config.yaml records)."""
+    return cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None])
+
+
 def _config_dict(cfg: UnlearnConfig, method: Method, args: dict, bench, extra=None) -> dict:
     out = dataclasses.asdict(cfg)
     out.update(kind="unlearn", method=method.name, method_args=args, combiner=method.combiner,
                forget_terms=[dataclasses.asdict(t) for t in method.forget],
                retain_terms=[dataclasses.asdict(t) for t in method.retain],
                benchmark=bench.name, benchmark_config=bench.config, protocol=None,
-               lr=cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.model, DEFAULT_LR[None]),
+               lr=resolved_lr(cfg),
                trace_columns=runs.TRACE_COLUMNS, conventions=conventions(cfg, args, bench), **(extra or {}))
     return out
 

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from lab import runs
-from lab.engine import UnlearnConfig, load_starting_point, unlearn
+from lab.engine import UnlearnConfig, load_starting_point, resolved_lr, unlearn
 from lab.methods import get_method
 
 # model-arithmetic methods run by lab.continual as a single task (everything else: lab.engine.unlearn)
@@ -108,7 +108,8 @@ def _config_key(cfg: UnlearnConfig, probes: bool = True) -> str:
     # nproc: how many ranks run it, not what runs (the same result at any world size; keys of older runs hold)
     fields = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k != "nproc" and (probes or k not in PROBE_FIELDS)}
-    return json.dumps({**fields, "save_model": None, **resolved}, sort_keys=True, default=str)
+    # the lr as run: None and the model's default lr are one run (config.yaml records the number; finished_runs)
+    return json.dumps({**fields, "save_model": None, "lr": resolved_lr(cfg), **resolved}, sort_keys=True, default=str)
 
 
 def notebook_section() -> str | None:
@@ -168,7 +169,33 @@ def with_probes(per_run: dict, grid, labels, probes, probe_options: dict | None 
                           for label in labels if probed and label in grid}}
 
 
+def finished_runs(root) -> pd.DataFrame:
+    """run_grid's rows for every finished `lab unlearn` run under root, keyed by the UnlearnConfig its config.yaml
+    records, so a notebook executed again over the same runs_root can take them instead of running them again
+    (run_grid under $LAB_REUSE_RUNS; `lab report --reuse-runs`), e.g. after a claim's rule changed. A run whose
+    config no longer builds an UnlearnConfig is left out (it would be run again)."""
+    fields = {f.name for f in dataclasses.fields(UnlearnConfig)}
+    rows = []
+    for path in runs.find_runs(root):
+        rec = runs.load_run(path)
+        if rec.status != "done" or rec.config.get("kind") != "unlearn":
+            continue
+        try:
+            cfg = UnlearnConfig(**{k: v for k, v in rec.config.items() if k in fields})
+        except (TypeError, ValueError):
+            continue
+        rows.append({"label": cfg.method, "method": cfg.method, "status": "done", "error": None,
+                     "seconds": rec.summary.get("seconds"), "steps": rec.summary.get("steps", len(rec.trace)),
+                     "run_id": path.name, "run_dir": str(path), "config_key": _config_key(cfg),
+                     "unprobed_key": _config_key(cfg, probes=False), "saved_model": (path / "model").is_dir(),
+                     **_final_metrics(path)})
+    return pd.DataFrame(rows)
+
+
 def _run_grid(methods, base, overrides_per_method, progress, reuse) -> pd.DataFrame:
+    if os.environ.get(runs.REUSE_ENV):   # earlier executions' runs first: a grid's own reuse frame wins a tie
+        frames = [f for f in (finished_runs(base.runs_root), reuse) if f is not None and len(f)]
+        reuse = pd.concat(frames, ignore_index=True) if frames else reuse
     rows = []
     # a run asking for probes reuses only a run with the same probes; one without probes reuses a probed
     # run too (same model, same final metrics: the probes only add records)

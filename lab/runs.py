@@ -87,6 +87,7 @@ RUN_KEYS = ["kind", "method", "model", "benchmark", "protocol", "seed", "experim
 # made (lab.report.run_notebook sets the env var in its kernel, lab.experiments adds the section), a
 # user's `--tag` for lab unlearn / continual, else none. The dashboard picks runs by it.
 EXPERIMENT_ENV = "LAB_EXPERIMENT"
+REUSE_ENV = "LAB_REUSE_RUNS"   # set (lab report --reuse-runs): run_grid also reuses finished runs under runs_root
 _experiments: list[str] = []
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from lab import runs
 from lab.engine import UnlearnConfig
-from lab.experiments import (cell, claim, compare, paper_table, run_grid, starting_points, traces,
+from lab.experiments import (cell, claim, compare, finished_runs, paper_table, run_grid, starting_points, traces,
                              unmoved_forget_quality, uwc_table, with_probes)
 
 
@@ -63,6 +63,22 @@ def test_a_run_without_probes_reuses_a_probed_run_but_a_probed_request_needs_its
     bare = run_grid({"GA lr": {"method": "ga", "lr": 2e-3}}, base, progress=False)
     over = run_grid({"GA lr": {"method": "ga", "lr": 2e-3, "probes": ["quant8"]}}, base, reuse=bare, progress=False)
     assert over.loc[0, "run_id"] != bare.loc[0, "run_id"] and len(runs.find_runs(base.runs_root)) == 4
+
+
+def test_reuse_runs_takes_an_earlier_executions_run_with_the_same_config(prepared_tiny, tmp_path, monkeypatch):
+    """lab report --reuse-runs ($LAB_REUSE_RUNS): a grid takes the finished run under runs_root whose recorded
+    config equals an entry's (e.g. re-executing a report after a claim's rule changed); any other config runs."""
+    base = _base(tmp_path)
+    first = run_grid(["ga"], base, progress=False)
+    assert list(finished_runs(base.runs_root)["config_key"]) == list(first["config_key"])   # keyed as run_grid keys
+    assert finished_runs(tmp_path / "elsewhere").empty
+    monkeypatch.setenv(runs.REUSE_ENV, "1")
+    again = run_grid({"GA again": {"method": "ga"}, "GA lr": {"method": "ga", "lr": 2e-3}}, base, progress=False)
+    assert again.loc[0, "run_id"] == first.loc[0, "run_id"] and again.loc[0, "label"] == "GA again"
+    assert again.loc[0, "forget_rouge"] == pytest.approx(first.loc[0, "forget_rouge"])
+    assert again.loc[1, "run_id"] != first.loc[0, "run_id"] and len(runs.find_runs(base.runs_root)) == 2
+    monkeypatch.delenv(runs.REUSE_ENV)
+    assert run_grid(["ga"], base, progress=False).loc[0, "run_id"] not in set(again["run_id"])   # off: runs again
 
 
 def test_with_probes_adds_the_probes_to_the_headline_runs_in_the_grid_only():
