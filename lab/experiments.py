@@ -172,13 +172,14 @@ def with_probes(per_run: dict, grid, labels, probes, probe_options: dict | None 
 def finished_runs(root) -> pd.DataFrame:
     """run_grid's rows for every finished `lab unlearn` run under root, keyed by the UnlearnConfig its config.yaml
     records, so a notebook executed again over the same runs_root can take them instead of running them again
-    (run_grid under $LAB_REUSE_RUNS; `lab report --reuse-runs`), e.g. after a claim's rule changed. A run whose
-    config no longer builds an UnlearnConfig is left out (it would be run again)."""
+    (run_grid under $LAB_REUSE_RUNS; `lab report --reuse-runs`), e.g. after a claim's rule changed. Left out (so
+    run again): a run whose config.yaml lacks a field of today's UnlearnConfig (it predates the option, and what it
+    did there is not recorded: e.g. MUSE runs before forget_text_rows), or no longer builds an UnlearnConfig."""
     fields = {f.name for f in dataclasses.fields(UnlearnConfig)}
     rows = []
     for path in runs.find_runs(root):
         rec = runs.load_run(path)
-        if rec.status != "done" or rec.config.get("kind") != "unlearn":
+        if rec.status != "done" or rec.config.get("kind") != "unlearn" or not fields <= rec.config.keys():
             continue
         try:
             cfg = UnlearnConfig(**{k: v for k, v in rec.config.items() if k in fields})

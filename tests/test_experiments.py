@@ -2,9 +2,11 @@
 runs, tv/tru through lab.continual, UWC rows, paper tables, side-by-side comparison, computed verdicts."""
 import dataclasses
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from lab import runs
 from lab.engine import UnlearnConfig
@@ -79,6 +81,11 @@ def test_reuse_runs_takes_an_earlier_executions_run_with_the_same_config(prepare
     assert again.loc[1, "run_id"] != first.loc[0, "run_id"] and len(runs.find_runs(base.runs_root)) == 2
     monkeypatch.delenv(runs.REUSE_ENV)
     assert run_grid(["ga"], base, progress=False).loc[0, "run_id"] not in set(again["run_id"])   # off: runs again
+    # a run recorded before an option existed is not taken: what it did there is unknown
+    config = Path(first.loc[0, "run_dir"]) / "config.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(config.read_text()).items()
+                                      if k != "forget_text_rows"}))
+    assert first.loc[0, "run_id"] not in set(finished_runs(base.runs_root)["run_id"])
 
 
 def test_with_probes_adds_the_probes_to_the_headline_runs_in_the_grid_only():
