@@ -185,12 +185,17 @@ def finished_runs(root) -> pd.DataFrame:
             cfg = UnlearnConfig(**{k: v for k, v in rec.config.items() if k in fields})
         except (TypeError, ValueError):
             continue
-        rows.append({"label": cfg.method, "method": cfg.method, "status": "done", "error": None,
-                     "seconds": rec.summary.get("seconds"), "steps": rec.summary.get("steps", len(rec.trace)),
-                     "run_id": path.name, "run_dir": str(path), "config_key": _config_key(cfg),
-                     "unprobed_key": _config_key(cfg, probes=False), "saved_model": (path / "model").is_dir(),
-                     **_final_metrics(path)})
+        rows.append({"label": cfg.method, "method": cfg.method, "error": None, "seconds": rec.summary.get("seconds"),
+                     "config_key": _config_key(cfg), "unprobed_key": _config_key(cfg, probes=False),
+                     "saved_model": (path / "model").is_dir(), **_read_back(path, rec)})
     return pd.DataFrame(rows)
+
+
+def _read_back(run_dir, rec=None) -> dict:
+    """A run directory as a grid row's fields: where it is, its status and steps, its final metrics."""
+    rec = rec or runs.load_run(run_dir)
+    return {"run_dir": str(run_dir), "run_id": Path(run_dir).name, "status": rec.status,
+            "steps": rec.summary.get("steps", len(rec.trace)), **_final_metrics(run_dir)}
 
 
 def _run_grid(methods, base, overrides_per_method, progress, reuse) -> pd.DataFrame:
@@ -226,14 +231,9 @@ def _run_grid(methods, base, overrides_per_method, progress, reuse) -> pd.DataFr
             new = sorted(set(runs.find_runs(cfg.runs_root)) - before)
             run_dir = new[-1] if new else None
             row.update(status=stop.status, error=str(stop))
-        row["seconds"] = round(time.time() - t0, 2)
-        row["run_dir"] = str(run_dir) if run_dir else None
-        row["run_id"] = run_dir.name if run_dir else None
+        row.update(seconds=round(time.time() - t0, 2), run_dir=None, run_id=None)
         if run_dir is not None:
-            rec = runs.load_run(run_dir)
-            row["status"] = rec.status
-            row["steps"] = rec.summary.get("steps", len(rec.trace))
-            row.update(_final_metrics(run_dir))
+            row.update(_read_back(run_dir))
         rows.append(row)
         if progress:
             print(f"{label:<28} {row['status']:<9} {row['seconds']:7.1f} s  {row['run_id']}")
