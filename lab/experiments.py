@@ -55,10 +55,10 @@ def _specs(methods, overrides_per_method) -> list[tuple[str, dict]]:
     return [(label, {**o, **overrides_per_method.get(label, {})}) for label, o in specs]
 
 
-def _final_metrics(run_dir) -> dict:
-    """Metrics of the last 'unlearned' evaluation of a run, read back through lab.runs. Continual runs
+def _final_metrics(rec: runs.RunRecord) -> dict:
+    """Metrics of the last 'unlearned' evaluation of a run (its lab.runs record). Continual runs
     (one task) keep utility and forget metrics in separate records: merged."""
-    evals = runs.load_run(run_dir).evals
+    evals = rec.evals
     if evals.empty or "checkpoint" not in evals:
         return {}
     done = evals[evals["checkpoint"] == "unlearned"]
@@ -195,7 +195,7 @@ def _read_back(run_dir, rec=None) -> dict:
     """A run directory as a grid row's fields: where it is, its status and steps, its final metrics."""
     rec = rec or runs.load_run(run_dir)
     return {"run_dir": str(run_dir), "run_id": Path(run_dir).name, "status": rec.status,
-            "steps": rec.summary.get("steps", len(rec.trace)), **_final_metrics(run_dir)}
+            "steps": rec.summary.get("steps", len(rec.trace)), **_final_metrics(rec)}
 
 
 def _run_grid(methods, base, overrides_per_method, progress, reuse) -> pd.DataFrame:
